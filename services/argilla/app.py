@@ -1,0 +1,153 @@
+"""ASGI entry point of the local argilla-server (runs inside ``.venv-argilla``).
+
+    uvicorn app:app --app-dir services/argilla --host 127.0.0.1 --port 6900
+
+Normally started by ``services/argilla/local_server.py``.  Compared with
+``argilla_server start`` it:
+
+1. registers the in-memory search engine (``inmemory_search_engine``) and
+   selects it (``ARGILLA_SEARCH_ENGINE=inmemory`` unless set otherwise);
+2. at start-up, before serving, runs the database migrations and makes sure the
+   owner user from ``LOCAL_ARGILLA_USERNAME`` / ``LOCAL_ARGILLA_PASSWORD`` /
+   ``LOCAL_ARGILLA_API_KEY`` exists with exactly these credentials (idempotent;
+   skipped when the variables are unset; ``LOCAL_ARGILLA_MIGRATE=0`` skips the
+   migrations);
+3. re-indexes every dataset from the database into the in-memory engine, so a
+   restarted server shows the data it had;
+4. exits by itself when the process ``LOCAL_ARGILLA_PARENT_PID`` is gone (so a
+   crashed test run leaves no server behind).
+
+Must be served by ONE worker process (the index lives in process memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("ARGILLA_SEARCH_ENGINE", "inmemory")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import inmemory_search_engine  # noqa: E402  (registers the engine before settings are used)
+from argilla_server._app import app  # noqa: E402
+
+_LOGGER = logging.getLogger("argilla.local")
+
+
+def _migrate_database() -> None:
+    """``python -m argilla_server database migrate`` without alembic's logging.fileConfig (keeps uvicorn's loggers)."""
+    import argilla_server
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(argilla_server.__file__).parent / "alembic"))
+    config.set_main_option("version_path_separator", "os")
+    command.upgrade(config, "head")
+
+
+async def _ensure_owner_user(username: str, password: str, api_key: str, workspace: str) -> None:
+    from argilla_server.contexts import accounts
+    from argilla_server.database import AsyncSessionLocal
+    from argilla_server.models import User, UserRole, Workspace
+    from sqlalchemy import select
+
+    async with AsyncSessionLocal() as db:
+        user = await accounts.get_user_by_username(db, username)
+        if user is None:
+            ws = (await db.execute(select(Workspace).filter_by(name=workspace))).scalar_one_or_none()
+            await User.create(
+                db,
+                first_name=username,
+                username=username,
+                role=UserRole.owner,
+                api_key=api_key,
+                password_hash=accounts.hash_password(password),
+                workspaces=[ws or Workspace(name=workspace)],
+            )
+            _LOGGER.info("created local owner user %r", username)
+            return
+
+        changes = {}
+        if user.api_key != api_key:
+            changes["api_key"] = api_key
+        if not accounts.verify_password(password, user.password_hash):
+            changes["password_hash"] = accounts.hash_password(password)
+        if user.role != UserRole.owner:
+            changes["role"] = UserRole.owner
+        if changes:
+            await user.update(db, **changes)
+            _LOGGER.info("updated local user %r: %s", username, ", ".join(sorted(changes)))
+
+
+async def _reindex_all() -> int:
+    from argilla_server.cli.search_engine.reindex import Reindexer
+    from argilla_server.database import AsyncSessionLocal
+
+    engine = await inmemory_search_engine.InMemorySearchEngine.new_instance()
+    inmemory_search_engine.reset_store()
+    count = 0
+    async with AsyncSessionLocal() as db:
+        async for dataset in Reindexer.reindex_datasets(db, engine):
+            async for records in Reindexer.reindex_dataset_records(db, engine, dataset):
+                count += len(records)
+    return count
+
+
+def _watch_parent(pid: int) -> None:
+    def loop() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass
+
+    threading.Thread(target=loop, name="parent-watchdog", daemon=True).start()
+
+
+_argilla_lifespan = app.router.lifespan_context
+
+
+@contextlib.asynccontextmanager
+async def _local_lifespan(asgi_app):
+    started = time.monotonic()
+    if os.environ.get("LOCAL_ARGILLA_MIGRATE", "1") != "0":
+        await asyncio.to_thread(_migrate_database)
+    username = os.environ.get("LOCAL_ARGILLA_USERNAME")
+    if username:
+        await _ensure_owner_user(
+            username=username,
+            password=os.environ["LOCAL_ARGILLA_PASSWORD"],
+            api_key=os.environ["LOCAL_ARGILLA_API_KEY"],
+            workspace=os.environ.get("LOCAL_ARGILLA_WORKSPACE", "argilla"),
+        )
+    async with _argilla_lifespan(asgi_app) as state:
+        records = await _reindex_all() if os.environ["ARGILLA_SEARCH_ENGINE"] == inmemory_search_engine.ENGINE_NAME else 0
+        _LOGGER.warning(
+            "local argilla ready (search engine %r, %d records re-indexed, start-up %.1fs)",
+            os.environ["ARGILLA_SEARCH_ENGINE"],
+            records,
+            time.monotonic() - started,
+        )
+        yield state
+
+
+app.router.lifespan_context = _local_lifespan
+
+if os.environ.get("LOCAL_ARGILLA_PARENT_PID"):
+    _watch_parent(int(os.environ["LOCAL_ARGILLA_PARENT_PID"]))
+
+__all__ = ["app"]

@@ -1,0 +1,69 @@
+"""embed_score with the embedded all-MiniLM-L6-v2 model (shipped in a PyPI wheel)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.common import EMBEDDED_EMBEDDING_MODEL, write_splits
+from components.embed_score import embed_score, embed_texts, load_model
+
+LONG = " ".join(["pipeline"] * 400)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(EMBEDDED_EMBEDDING_MODEL, "cpu")
+
+
+def triplets(rows):
+    frame = pd.DataFrame(rows, columns=["anchor", "positive", "negative"])
+    for column, value in (("filename", "f"), ("parent_section", "s"), ("url", "u"), ("token_count", 0),
+                          ("model_name", "m")):
+        frame[column] = value
+    return frame
+
+
+def test_each_distinct_text_is_encoded_once(model):
+    calls = []
+    original = model.encode
+
+    def counting_encode(texts, **kwargs):
+        calls.append(list(texts))
+        return original(texts, **kwargs)
+
+    model.encode = counting_encode
+    try:
+        index, vectors = embed_texts(model, ["a", "b", "a", "c", "b"])
+    finally:
+        model.encode = original
+    assert calls == [["a", "b", "c"]]
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_scores_vectors_and_token_counts(tmp_path, model):
+    anchor = "Kubeflow Pipelines lets you compile a pipeline to YAML and submit it to a cluster."
+    train = triplets([
+        [anchor, "How do I compile a pipeline to YAML?", "What is the price of a banana?"],
+        [anchor + " Again.", anchor + " Again.", None],  # positive equal to the anchor, negative missing
+        [LONG, "How long is this?", "Unrelated question about cooking?"],
+    ])
+    test = triplets([[anchor + " Test.", "Which cluster receives the pipeline?", "How do I bake bread?"]])
+    write_splits({"train": train, "test": test}, tmp_path / "in")
+    stats = embed_score(tmp_path / "in", tmp_path / "out", EMBEDDED_EMBEDDING_MODEL, device="cpu")
+    out = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    assert stats["dimension"] == 384 and stats["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    for column in ("similarity-positive-negative", "similarity-anchor-positive", "similarity-anchor-negative"):
+        values = out[column].dropna()
+        assert ((values >= -1) & (values <= 1)).all()
+    first = out.iloc[0]
+    assert first["similarity-anchor-positive"] > first["similarity-anchor-negative"]
+    expected = model.encode([anchor], normalize_embeddings=True)[0]
+    assert np.allclose(np.array(first["anchor-vector"]), expected, atol=1e-5)
+    assert len(first["anchor-vector"]) == 384
+    assert out.iloc[1]["similarity-anchor-positive"] == pytest.approx(1.0, abs=1e-5)
+    assert np.isnan(out.iloc[1]["similarity-anchor-negative"]) and np.isnan(out.iloc[1]["similarity-positive-negative"])
+    assert out.iloc[0]["token_count"] == len(model.tokenizer(anchor)["input_ids"])
+    assert list(out["exceeds_model_window"]) == [False, False, True]
+    assert stats["splits"]["train"]["exceeds_model_window"] == 1
+    assert len(pd.read_parquet(tmp_path / "out" / "test.parquet")) == 1

@@ -1,0 +1,113 @@
+"""The pipeline as users run it: compiled for the cluster, and run end to end by kfp.local via the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from components.common import OUTPUT_COLUMNS, STAGE_IMAGES
+from pipeline import OPENAI_SECRET_NAME, compile_pipeline
+from tests.conftest import PROJECT_ROOT
+
+STAGES = ("load-docs", "generate-queries", "embed-score", "report", "export")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    path = compile_pipeline(tmp_path_factory.mktemp("compiled") / "pipeline.yaml")
+    documents = list(yaml.safe_load_all(path.read_text()))
+    return path.read_text(), documents[0], (documents[1] if len(documents) > 1 else {})
+
+
+def test_compiled_pipeline_has_every_stage_with_its_own_image(compiled):
+    _, spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    images = {name: executor["container"]["image"] for name, executor in executors.items()}
+    for stage in STAGES:
+        underscored = stage.replace("-", "_")
+        assert images[f"exec-{stage}-component"] == STAGE_IMAGES[underscored]
+    assert len(set(images.values())) == len(STAGES)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {f"{stage}-component" for stage in STAGES}
+    assert tasks["export-component"]["dependentTasks"] == ["embed-score-component", "report-component"]
+
+
+def test_gpu_request_is_on_embed_score_only(compiled):
+    _, spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    with_gpu = [name for name, executor in executors.items() if "accelerator" in executor["container"].get("resources", {})]
+    assert with_gpu == ["exec-embed-score-component"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert "nodeSelector" in k8s["exec-embed-score-component"] and "tolerations" in k8s["exec-embed-score-component"]
+    assert not any("nodeSelector" in value for name, value in k8s.items() if name != "exec-embed-score-component")
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["gpu_accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
+    assert defaults["gpu_node_selector"]["defaultValue"] == {"nvidia.com/gpu.present": "true"}
+
+
+def test_cluster_defaults_and_secret_reference_only(compiled):
+    text, spec, platform = compiled
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["llm"]["defaultValue"] == "openai:gpt-4o"
+    assert defaults["embedding_model"]["defaultValue"] == "Snowflake/snowflake-arctic-embed-l"
+    assert defaults["dataset"]["defaultValue"] == "zenml/rag_qa_embedding_questions_0_60_0"
+    assert not any("key" in name.lower() and "api" in name.lower() for name in defaults)
+    secret = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-generate-queries-component"]
+    assert secret["secretAsEnv"][0]["secretName"] == OPENAI_SECRET_NAME
+    assert "ZenML" not in defaults["context"]["defaultValue"]
+    assert "sk-" not in text
+
+
+def test_committed_pipeline_yaml_is_fresh(compiled):
+    """Like ilab-on-ocp: the committed pipeline.yaml must equal a fresh compile (run `make compile`)."""
+    text, _, _ = compiled
+    committed = (PROJECT_ROOT / "pipeline.yaml").read_text()
+    # Compared parsed: the compiler's comment header prints dict defaults in no fixed key order.
+    assert list(yaml.safe_load_all(committed)) == list(yaml.safe_load_all(text)), (
+        "pipeline.yaml is stale: run `make compile` and commit it")
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "pipeline.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_local_run_end_to_end_then_served_from_cache(tmp_path, small_chunks):
+    args = ["run", "--dataset", str(small_chunks), "--output-dir", str(tmp_path / "out"),
+            "--llm-cache", str(tmp_path / "cache"), "--max-failure-rate", "0.5"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert f"{tmp_path / 'out' / 'train.parquet'}  (3 rows)" in first.stdout
+    for split, rows in (("train", 3), ("test", 2)):
+        frame = pd.read_parquet(tmp_path / "out" / f"{split}.parquet")
+        assert len(frame) == rows
+        assert tuple(frame.columns[: len(OUTPUT_COLUMNS)]) == OUTPUT_COLUMNS
+        for column in ("similarity-positive-negative", "similarity-anchor-positive", "similarity-anchor-negative"):
+            assert frame[column].dropna().between(-1, 1).all()
+        assert frame["anchor-vector"].map(len).eq(384).all()
+    assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "report.md").exists()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["generation_llm_requests"] > 0
+
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["generation_llm_requests"] == 0
+    assert metrics["generation_cached"] == 5 - metrics["generation_failed"]
+
+
+@pytest.mark.slow
+def test_local_run_with_bad_input_stops_with_the_reason(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    pd.DataFrame({"text": ["a chunk"]}).to_parquet(folder / "train.parquet")
+    result = run_cli("run", "--dataset", str(folder), "--output-dir", str(tmp_path / "out"), "--no-llm-cache")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "has no text column 'page_content'. Columns found: ['text']" in output
+    assert "The pipeline stopped" in output
