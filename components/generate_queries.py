@@ -444,13 +444,39 @@ def _run_distilabel(records: list[dict[str, Any]], spec: LLMSpec, settings: Gene
             )
             loader >> task
         # distilabel's own cache is per pipeline run; the row cache above is what makes re-runs free.
-        distiset = pipeline.run(use_cache=False)
+        distiset = _run_with_spawned_workers(lambda: pipeline.run(use_cache=False))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         _remove_closed_queue_handlers()
     if distiset is None or "default" not in distiset:
         return []
     return distiset["default"]["train"].to_list()
+
+
+def _run_with_spawned_workers(run):
+    """Run distilabel with worker processes started by "spawn" instead of Linux's default "fork".
+
+    A forked worker inherits the parent's thread pools and locks in whatever state they were: in a process that had
+    already used torch (a test session, a notebook), the llama.cpp step worker deadlocked at 0% CPU. Spawned workers
+    start clean. distilabel 1.5 fixes its pool's context class at import time, so that class is swapped for the
+    duration of the run.
+    """
+    import multiprocessing
+
+    from distilabel.pipeline import local as distilabel_local
+
+    class SpawnNoDaemonContext(type(multiprocessing.get_context("spawn"))):
+        Process = distilabel_local._NoDaemonProcess
+
+    previous_context = distilabel_local._NoDaemonContext
+    previous_method = multiprocessing.get_start_method(allow_none=True)
+    distilabel_local._NoDaemonContext = SpawnNoDaemonContext
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        return run()
+    finally:
+        distilabel_local._NoDaemonContext = previous_context
+        multiprocessing.set_start_method(previous_method, force=True)
 
 
 def _remove_closed_queue_handlers() -> None:
