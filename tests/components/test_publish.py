@@ -264,6 +264,18 @@ def test_gcs_second_run_refuses_to_clobber_but_same_run_retry_is_fine(gcs_client
     assert {b.name: b.generation for b in gcs_client.list_blobs("exports", prefix="runs/b/")} == generations
 
 
+def test_gcs_same_run_resumes_a_partial_export(gcs_client, scored_dir, report_dir):
+    frames = load_frames(scored_dir)
+    first = export_to_gcs(frames, report_dir, "gs://exports/runs/e", "run-e", client=gcs_client)
+    bucket = gcs_client.bucket("exports")
+    data_generation = bucket.get_blob("runs/e/train.parquet").generation
+    bucket.blob(f"runs/e/{MANIFEST_NAME}").delete()  # as if the task died before writing the manifest
+    again = export_to_gcs(frames, report_dir, "gs://exports/runs/e", "run-e", client=gcs_client)
+    assert again["objects"] == first["objects"]
+    assert bucket.get_blob("runs/e/train.parquet").generation == data_generation  # kept, not rewritten
+    assert json.loads(bucket.blob(f"runs/e/{MANIFEST_NAME}").download_as_bytes())["run_id"] == "run-e"
+
+
 def test_gcs_partial_export_of_another_run_is_not_overwritten(gcs_client, scored_dir, report_dir):
     # A crashed run left a data object but no manifest: a different run must not replace it...
     gcs_client.bucket("exports").blob("runs/c/train.parquet").upload_from_string(b"old", if_generation_match=0)
