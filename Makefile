@@ -6,8 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# The local Argilla that `make run` publishes into (loopback only).
+ARGILLA_DATA := .argilla-data
+ARGILLA_PORT ?= 6900
 
-.PHONY: setup run test compile lock clean
+.PHONY: setup run test compile lock clean chromium argilla-ui argilla-stop
 
 setup: $(STAMP)
 
@@ -25,8 +28,21 @@ $(STAMP): requirements.lock
 run: $(STAMP)
 	$(PY) pipeline.py run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest $(ARGS)
+
+# The browser test drives Debian's Chromium (never Playwright's download); install it only when missing.
+chromium:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+# Serve the local Argilla again (detached) to browse what `make run` published; prints the address and login.
+argilla-ui: $(STAMP)
+	$(PY) services/argilla/local_server.py start --data-dir $(ARGILLA_DATA) --port $(ARGILLA_PORT)
+
+argilla-stop:
+	$(PYTHON) services/argilla/local_server.py stop --data-dir $(ARGILLA_DATA)
 
 compile: $(STAMP)
 	$(PY) pipeline.py compile

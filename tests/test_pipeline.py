@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from components.common import OUTPUT_COLUMNS, STAGE_IMAGES
-from pipeline import OPENAI_SECRET_NAME, compile_pipeline
+from pipeline import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME, compile_pipeline
 from tests.conftest import PROJECT_ROOT
 
-STAGES = ("load-docs", "generate-queries", "embed-score", "report", "export")
+STAGES = ("load-docs", "generate-queries", "embed-score", "report", "export", "publish")
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def test_compiled_pipeline_has_every_stage_with_its_own_image(compiled):
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {f"{stage}-component" for stage in STAGES}
     assert tasks["export-component"]["dependentTasks"] == ["embed-score-component", "report-component"]
+    assert tasks["publish-component"]["dependentTasks"] == ["embed-score-component", "report-component"]
 
 
 def test_gpu_request_is_on_embed_score_only(compiled):
@@ -60,6 +61,14 @@ def test_cluster_defaults_and_secret_reference_only(compiled):
     assert secret["secretAsEnv"][0]["secretName"] == OPENAI_SECRET_NAME
     assert "ZenML" not in defaults["context"]["defaultValue"]
     assert "sk-" not in text
+    publish = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-publish-component"]
+    assert {(s["secretName"], s["keyToEnv"][0]["envVar"], s["optional"]) for s in publish["secretAsEnv"]} == {
+        (ARGILLA_SECRET_NAME, "ARGILLA_API_KEY", True), (HF_SECRET_NAME, "HF_TOKEN", True)}
+    # Publishing targets are off unless configured; the run id comes from KFP, not from a person.
+    for name in ("argilla_url", "hub_repo", "export_uri"):
+        assert defaults[name]["defaultValue"] == ""
+    run_id = spec["root"]["dag"]["tasks"]["publish-component"]["inputs"]["parameters"]["run_id"]
+    assert run_id["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
 
 
 def test_committed_pipeline_yaml_is_fresh(compiled):
@@ -77,11 +86,38 @@ def run_cli(*args, env=None):
 
 
 @pytest.mark.slow
-def test_local_run_end_to_end_then_served_from_cache(tmp_path, small_chunks):
+def test_local_run_end_to_end_then_served_from_cache(tmp_path, small_chunks, local_server, argilla_venv):
+    """Two runs: the second is served from the LLM cache and re-publishes into the local Argilla without duplicates."""
+    argilla_data = tmp_path / "argilla"
     args = ["run", "--dataset", str(small_chunks), "--output-dir", str(tmp_path / "out"),
-            "--llm-cache", str(tmp_path / "cache"), "--max-failure-rate", "0.5"]
+            "--llm-cache", str(tmp_path / "cache"), "--max-failure-rate", "0.5",
+            "--argilla-data-dir", str(argilla_data), "--argilla-port", "0", "--argilla-dataset", "e2e"]
+    try:
+        _run_twice_and_check(args, tmp_path, argilla_data, local_server)
+    finally:
+        local_server.stop_local_argilla(argilla_data)
+
+
+def _argilla_records(local_server, argilla_data) -> list:
+    import argilla as rg
+
+    info = local_server.read_running(argilla_data)
+    assert info is not None, "the local Argilla should still be running for browsing"
+    client = rg.Argilla(api_url=info["url"], api_key=info["api_key"])
+    return list(client.datasets(name="e2e").records(with_vectors=True))
+
+
+def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
     first = run_cli(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    info = local_server.read_running(argilla_data)
+    assert f"Argilla (local, loopback only): {info['url']}" in first.stdout
+    assert f"login: {info['username']} / {info['password']}" in first.stdout
+    assert "Hugging Face Hub: skipped" in first.stdout and "Object storage: skipped" in first.stdout
+    records = _argilla_records(local_server, argilla_data)
+    assert len(records) == 5
+    assert sorted(r.metadata["split"] for r in records) == ["test", "test", "train", "train", "train"]
+    assert all(len(r.vectors["anchor-vector"]) == 384 for r in records)
     assert f"{tmp_path / 'out' / 'train.parquet'}  (3 rows)" in first.stdout
     for split, rows in (("train", 3), ("test", 2)):
         frame = pd.read_parquet(tmp_path / "out" / f"{split}.parquet")
@@ -99,6 +135,7 @@ def test_local_run_end_to_end_then_served_from_cache(tmp_path, small_chunks):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["generation_llm_requests"] == 0
     assert metrics["generation_cached"] == 5 - metrics["generation_failed"]
+    assert sorted(r.id for r in _argilla_records(local_server, argilla_data)) == sorted(r.id for r in records)
 
 
 @pytest.mark.slow
@@ -106,7 +143,8 @@ def test_local_run_with_bad_input_stops_with_the_reason(tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
     pd.DataFrame({"text": ["a chunk"]}).to_parquet(folder / "train.parquet")
-    result = run_cli("run", "--dataset", str(folder), "--output-dir", str(tmp_path / "out"), "--no-llm-cache")
+    result = run_cli("run", "--dataset", str(folder), "--output-dir", str(tmp_path / "out"), "--no-llm-cache",
+                     "--no-argilla")
     assert result.returncode == 1
     output = result.stdout + result.stderr
     assert "has no text column 'page_content'. Columns found: ['text']" in output

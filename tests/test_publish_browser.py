@@ -1,0 +1,61 @@
+"""A real browser (Debian's headless Chromium, driven by Playwright) signs into the local Argilla UI and sees the
+published dataset and its records. Playwright's own browser download is never used: `executable_path` is Debian's.
+"""
+
+import shutil
+import uuid
+
+import pandas as pd
+import pytest
+
+from components.publish import load_frames, publish_to_argilla
+from components.common import write_splits
+from tests.components.test_publish import scored_frame
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not shutil.which(CHROMIUM):
+        pytest.fail("Debian's chromium is missing: `make test` installs it (apt-get install -y chromium)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def test_browser_signs_in_and_sees_dataset_and_records(browser, argilla_server, tmp_path, kubeflow_docs):
+    anchors = list(pd.read_parquet(kubeflow_docs / "train.parquet")["page_content"].iloc[[3, 10, 20]])
+    test_anchors = list(pd.read_parquet(kubeflow_docs / "test.parquet")["page_content"].iloc[[0]])
+    write_splits({"train": scored_frame(anchors, "train", 1), "test": scored_frame(test_anchors, "test", 2)},
+                 tmp_path / "scored")
+    name = f"browse-{uuid.uuid4().hex[:6]}"
+    summary = publish_to_argilla(load_frames(tmp_path / "scored"), argilla_server.url, argilla_server.api_key, name)
+    assert summary["records"] == 4
+
+    page = browser.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(argilla_server.url)
+    page.wait_for_url("**/sign-in**")
+    page.locator("input[type=text]").fill(argilla_server.username)
+    page.locator("input[type=password]").fill(argilla_server.password)
+    page.locator("button[type=submit]").click()
+    page.wait_for_url(lambda url: "sign-in" not in url)
+
+    page.get_by_text(name).first.click()  # the dataset is listed on the home page
+    page.wait_for_url("**/dataset/**")
+    body = page.locator("body")
+    body.get_by_text("of 4").first.wait_for()  # the record counter: both splits, 4 records
+    body.get_by_text("Find similar").first.wait_for()  # the anchor vector is there
+    text = body.inner_text()
+    assert name in text and "positive" in text and "negative" in text
+    assert "SmolLM2-135M-Instruct test" in text  # the suggestions' agent
+    assert any(f"How do I use part {i} of" in text for i in range(3))  # a suggestion of the record shown
+    page.close()
