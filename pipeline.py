@@ -7,6 +7,7 @@ subprocess running the same code the cluster images run), `compile` writes the Y
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,16 @@ from components.common import (
     read_json,
 )
 from components.embed_score import embed_score_component
+from components.evaluate import DEFAULT_MIN_IMPROVEMENT, evaluate_component, format_table
 from components.export import export_component
+from components.finetune import (
+    DEFAULT_BATCH_SIZE as DEFAULT_FINETUNE_BATCH_SIZE,
+    DEFAULT_EPOCHS as DEFAULT_FINETUNE_EPOCHS,
+    DEFAULT_LEARNING_RATE as DEFAULT_FINETUNE_LEARNING_RATE,
+    DEFAULT_SEED as DEFAULT_FINETUNE_SEED,
+    DEFAULT_WARMUP_RATIO as DEFAULT_FINETUNE_WARMUP_RATIO,
+    finetune_component,
+)
 from components.generate_queries import (
     DEFAULT_CONTEXT,
     DEFAULT_MAX_FAILURE_RATE,
@@ -42,6 +52,19 @@ DEFAULT_LLM_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
 # The Kubernetes secret that holds the OpenAI key; its value never becomes a pipeline parameter.
 OPENAI_SECRET_NAME = "openai-api-key"
 OPENAI_SECRET_KEY = "OPENAI_API_KEY"
+# The Kubernetes secret that holds the Hugging Face token for the optional Hub push of the finetuned model.
+HF_SECRET_NAME = "hf-token"
+HF_SECRET_KEY = "HF_TOKEN"
+# Local CPU runs: a small batch gives all-MiniLM-L6-v2 enough optimizer steps on a few hundred rows in minutes.
+LOCAL_FINETUNE_EPOCHS = 3
+LOCAL_FINETUNE_BATCH_SIZE = 16
+
+
+def request_gpu(task, accelerator_type, count, node_selector, tolerations) -> None:
+    """The same GPU request, node selector and tolerations for every GPU task (ignored by kfp.local)."""
+    task.set_accelerator_type(accelerator_type).set_accelerator_limit(count)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Turn documentation chunks into scored (anchor, positive, negative) "
@@ -66,6 +89,15 @@ def docs_to_embedding_data(
     gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},
     gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     output_uri: str = "",
+    finetune_epochs: float = DEFAULT_FINETUNE_EPOCHS,
+    finetune_batch_size: int = DEFAULT_FINETUNE_BATCH_SIZE,
+    finetune_learning_rate: float = DEFAULT_FINETUNE_LEARNING_RATE,
+    finetune_warmup_ratio: float = DEFAULT_FINETUNE_WARMUP_RATIO,
+    finetune_hard_negatives: bool = True,
+    finetune_seed: int = DEFAULT_FINETUNE_SEED,
+    min_improvement: float = DEFAULT_MIN_IMPROVEMENT,
+    model_export_uri: str = "",
+    hub_model_repo: str = "",
 ):
     load = load_docs_component(source=dataset, limit=limit, text_column=text_column, docs_base_url=docs_base_url)
     load.set_display_name("load_docs")
@@ -83,9 +115,7 @@ def docs_to_embedding_data(
     embed = embed_score_component(triplets=generate.outputs["triplets"], embedding_model=embedding_model,
                                   batch_size=embedding_batch_size)
     embed.set_display_name("embed_score")
-    embed.set_accelerator_type(gpu_accelerator_type).set_accelerator_limit(gpu_count)
-    kubernetes.add_node_selector_json(embed, gpu_node_selector)
-    kubernetes.add_toleration_json(embed, gpu_tolerations)
+    request_gpu(embed, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
 
     report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"],
                               scored=embed.outputs["scored"])
@@ -94,6 +124,23 @@ def docs_to_embedding_data(
     final = export_component(scored=embed.outputs["scored"], report_files=report.outputs["report_files"],
                              output_uri=output_uri)
     final.set_display_name("export")
+
+    tune = finetune_component(scored=embed.outputs["scored"], embedding_model=embedding_model, epochs=finetune_epochs,
+                              batch_size=finetune_batch_size, learning_rate=finetune_learning_rate,
+                              warmup_ratio=finetune_warmup_ratio, use_hard_negatives=finetune_hard_negatives,
+                              seed=finetune_seed)
+    tune.set_display_name("finetune")
+    request_gpu(tune, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
+
+    # Evaluate encodes the whole corpus twice (base and finetuned): with a large model that wants the GPU too.
+    judge = evaluate_component(scored=embed.outputs["scored"], finetuned_model=tune.outputs["model"],
+                               base_model=embedding_model, min_improvement=min_improvement,
+                               model_export_uri=model_export_uri, hub_model_repo=hub_model_repo,
+                               output_uri=output_uri)
+    judge.set_display_name("evaluate")
+    request_gpu(judge, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
+    kubernetes.use_secret_as_env(judge, secret_name=HF_SECRET_NAME, secret_key_to_env={HF_SECRET_KEY: "HF_TOKEN"},
+                                 optional=True)
 
 
 def compile_pipeline(output: Path = DEFAULT_COMPILED) -> Path:
@@ -119,6 +166,10 @@ def run_locally(args: argparse.Namespace) -> int:
     if _is_local(embedding_model):
         embedding_model = str(Path(embedding_model).expanduser().resolve())
     cache = "" if args.no_llm_cache else str(Path(args.llm_cache).expanduser().resolve())
+    model_export_uri = args.model_export_uri or str(output_dir / "model")
+    if not args.model_export_uri and (output_dir / "model").is_dir():
+        # A previous run's exported model: leaving it would pass it off as this run's winner.
+        shutil.rmtree(output_dir / "model")
 
     # The stage subprocesses import this project's `components` package.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
@@ -138,6 +189,11 @@ def run_locally(args: argparse.Namespace) -> int:
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             generation_batch_size=args.batch_size, max_failure_rate=args.max_failure_rate,
             embedding_model=embedding_model, embedding_batch_size=64, output_uri=str(output_dir),
+            finetune_epochs=args.epochs, finetune_batch_size=args.finetune_batch_size,
+            finetune_learning_rate=args.learning_rate, finetune_warmup_ratio=args.warmup_ratio,
+            finetune_hard_negatives=not args.no_hard_negatives, finetune_seed=args.seed,
+            min_improvement=args.min_improvement,
+            model_export_uri=model_export_uri, hub_model_repo=args.hub_model_repo,
         )
     except RuntimeError as error:
         print(f"\nThe pipeline stopped: {error}\nThe failing stage's log above says what to fix. Finished stages "
@@ -155,6 +211,11 @@ def print_summary(output_dir: Path, seconds: float) -> None:
     print(f"  {output_dir / 'report.md'}  (also report.html, similarity_histograms.png, metrics.json)")
     print(f"Generation: {metrics['generation_generated']} generated, {metrics['generation_cached']} from cache, "
           f"{metrics['generation_failed']} failed; {metrics['generation_llm_requests']} LLM requests.")
+    evaluation = read_json(output_dir / "evaluation.json")
+    counts = evaluation["counts"]
+    print(f"\nRetrieval, base vs finetuned ({counts['queries']} test queries, corpus of {counts['corpus']} chunks; "
+          f"{output_dir / 'evaluation.json'}, evaluation.md/.html):\n{format_table(evaluation)}\n"
+          f"{evaluation['gate']['reason']}\nResult model: {evaluation['result_model']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=8, help="rows per LLM batch (concurrent requests for APIs)")
     run.add_argument("--max-failure-rate", type=float, default=DEFAULT_MAX_FAILURE_RATE,
                      help="fail the run when more than this fraction of rows fail generation")
+
+    tune = run.add_argument_group("finetune and evaluate")
+    tune.add_argument("--epochs", type=float, default=LOCAL_FINETUNE_EPOCHS,
+                      help=f"finetuning epochs (cluster default {DEFAULT_FINETUNE_EPOCHS})")
+    tune.add_argument("--finetune-batch-size", type=int, default=LOCAL_FINETUNE_BATCH_SIZE,
+                      help=f"pairs per optimizer step; also the in-batch negatives (cluster default "
+                           f"{DEFAULT_FINETUNE_BATCH_SIZE})")
+    tune.add_argument("--learning-rate", type=float, default=DEFAULT_FINETUNE_LEARNING_RATE)
+    tune.add_argument("--warmup-ratio", type=float, default=DEFAULT_FINETUNE_WARMUP_RATIO)
+    tune.add_argument("--no-hard-negatives", action="store_true",
+                      help="train on (query, chunk) pairs with in-batch negatives only, not the generated negative")
+    tune.add_argument("--seed", type=int, default=DEFAULT_FINETUNE_SEED)
+    tune.add_argument("--min-improvement", type=float, default=DEFAULT_MIN_IMPROVEMENT,
+                      help="export the finetuned model only if its NDCG@10 at full dimension beats the base by this")
+    tune.add_argument("--model-export-uri", default="", help="where a winning finetuned model goes (folder or "
+                      "gs://...; default OUTPUT_DIR/model)")
+    tune.add_argument("--hub-model-repo", default="", help="also push a winning model to this Hub repo (HF_TOKEN "
+                      "from the environment)")
 
     comp = commands.add_parser("compile", help="write the KFP pipeline YAML")
     comp.add_argument("--output", default=str(DEFAULT_COMPILED))
