@@ -56,7 +56,7 @@ OPENAI_SECRET_KEY = "OPENAI_API_KEY"
 HF_SECRET_NAME = "hf-token"
 HF_SECRET_KEY = "HF_TOKEN"
 # Local CPU runs: a small batch gives all-MiniLM-L6-v2 enough optimizer steps on a few hundred rows in minutes.
-LOCAL_FINETUNE_EPOCHS = 3
+LOCAL_FINETUNE_EPOCHS = 3.0
 LOCAL_FINETUNE_BATCH_SIZE = 16
 
 
@@ -189,10 +189,10 @@ def run_locally(args: argparse.Namespace) -> int:
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             generation_batch_size=args.batch_size, max_failure_rate=args.max_failure_rate,
             embedding_model=embedding_model, embedding_batch_size=64, output_uri=str(output_dir),
-            finetune_epochs=args.epochs, finetune_batch_size=args.finetune_batch_size,
-            finetune_learning_rate=args.learning_rate, finetune_warmup_ratio=args.warmup_ratio,
+            finetune_epochs=float(args.epochs), finetune_batch_size=args.finetune_batch_size,
+            finetune_learning_rate=float(args.learning_rate), finetune_warmup_ratio=float(args.warmup_ratio),
             finetune_hard_negatives=not args.no_hard_negatives, finetune_seed=args.seed,
-            min_improvement=args.min_improvement,
+            min_improvement=float(args.min_improvement),
             model_export_uri=model_export_uri, hub_model_repo=args.hub_model_repo,
         )
     except RuntimeError as error:
