@@ -30,6 +30,7 @@ from components.finetune import (
     DEFAULT_EPOCHS as DEFAULT_FINETUNE_EPOCHS,
     DEFAULT_LEARNING_RATE as DEFAULT_FINETUNE_LEARNING_RATE,
     DEFAULT_SEED as DEFAULT_FINETUNE_SEED,
+    DEFAULT_USE_HARD_NEGATIVES,
     DEFAULT_WARMUP_RATIO as DEFAULT_FINETUNE_WARMUP_RATIO,
     finetune_component,
 )
@@ -93,7 +94,7 @@ def docs_to_embedding_data(
     finetune_batch_size: int = DEFAULT_FINETUNE_BATCH_SIZE,
     finetune_learning_rate: float = DEFAULT_FINETUNE_LEARNING_RATE,
     finetune_warmup_ratio: float = DEFAULT_FINETUNE_WARMUP_RATIO,
-    finetune_hard_negatives: bool = True,
+    finetune_hard_negatives: bool = DEFAULT_USE_HARD_NEGATIVES,
     finetune_seed: int = DEFAULT_FINETUNE_SEED,
     min_improvement: float = DEFAULT_MIN_IMPROVEMENT,
     model_export_uri: str = "",
@@ -191,7 +192,7 @@ def run_locally(args: argparse.Namespace) -> int:
             embedding_model=embedding_model, embedding_batch_size=64, output_uri=str(output_dir),
             finetune_epochs=float(args.epochs), finetune_batch_size=args.finetune_batch_size,
             finetune_learning_rate=float(args.learning_rate), finetune_warmup_ratio=float(args.warmup_ratio),
-            finetune_hard_negatives=not args.no_hard_negatives, finetune_seed=args.seed,
+            finetune_hard_negatives=args.hard_negatives, finetune_seed=args.seed,
             min_improvement=float(args.min_improvement),
             model_export_uri=model_export_uri, hub_model_repo=args.hub_model_repo,
         )
@@ -251,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{DEFAULT_FINETUNE_BATCH_SIZE})")
     tune.add_argument("--learning-rate", type=float, default=DEFAULT_FINETUNE_LEARNING_RATE)
     tune.add_argument("--warmup-ratio", type=float, default=DEFAULT_FINETUNE_WARMUP_RATIO)
-    tune.add_argument("--no-hard-negatives", action="store_true",
-                      help="train on (query, chunk) pairs with in-batch negatives only, not the generated negative")
+    tune.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=DEFAULT_USE_HARD_NEGATIVES,
+                      help="add the generated negative as an explicit hard negative (default: in-batch negatives "
+                           "only, the better of the two on the embedded LLM's data; see README)")
     tune.add_argument("--seed", type=int, default=DEFAULT_FINETUNE_SEED)
     tune.add_argument("--min-improvement", type=float, default=DEFAULT_MIN_IMPROVEMENT,
                       help="export the finetuned model only if its NDCG@10 at full dimension beats the base by this")

@@ -76,10 +76,10 @@ def test_cluster_defaults_and_secret_reference_only(compiled):
     hub = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-evaluate-component"]
     assert hub["secretAsEnv"][0]["secretName"] == HF_SECRET_NAME
     assert not any("token" in name.lower() and ("hf" in name.lower() or "hub" in name.lower()) for name in defaults)
-    # Cluster finetuning defaults: ~100 optimizer steps on a thousand rows, hard negatives on.
+    # Cluster finetuning defaults: ~100 optimizer steps on a thousand rows, in-batch negatives only (measured).
     assert defaults["finetune_epochs"]["defaultValue"] == 3.0
     assert defaults["finetune_batch_size"]["defaultValue"] == 32
-    assert defaults["finetune_hard_negatives"]["defaultValue"] is True
+    assert defaults["finetune_hard_negatives"]["defaultValue"] is False
     assert defaults["min_improvement"]["defaultValue"] == 0.01
 
 
