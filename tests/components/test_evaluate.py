@@ -198,3 +198,19 @@ def test_hub_push_happens_only_on_a_win_and_needs_the_token(tmp_path, scored_dir
     assert "hf_test" not in (tmp_path / "b" / "evaluation.json").read_text()
     evaluate(scored_dir, worse, tmp_path / "c", str(good), hub_model_repo="me/model")
     assert len(pushed) == 1
+
+
+def test_export_to_a_uri_goes_through_fsspec(tmp_path):
+    """gs:// prefixes take the fsspec path; fsspec's in-memory filesystem exercises the same code without GCS."""
+    import fsspec
+
+    from components.evaluate import upload_folder
+
+    model = tmp_path / "model"
+    (model / "1_Pooling").mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "1_Pooling" / "config.json").write_text("{}")
+    assert upload_folder(model, "memory://bucket/models/run-1") == "memory://bucket/models/run-1"
+    fs = fsspec.filesystem("memory")
+    assert fs.cat("/bucket/models/run-1/model.safetensors") == b"weights"
+    assert fs.cat("/bucket/models/run-1/1_Pooling/config.json") == b"{}"
