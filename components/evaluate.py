@@ -184,6 +184,10 @@ def upload_folder(folder: str | os.PathLike, target: str) -> str:
         return target
     destination = Path(target).expanduser()
     if destination.exists():
+        if any(destination.iterdir()) and not (destination / "modules.json").exists():
+            raise StageError(f"{destination} exists and is not a saved model folder; refusing to replace it. Pass an "
+                             "empty or new folder as model_export_uri.")
+        # A previously exported model: replaced whole, so no stale file survives.
         shutil.rmtree(destination)
     shutil.copytree(folder, destination)
     return str(destination.resolve())

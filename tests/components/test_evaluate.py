@@ -214,3 +214,23 @@ def test_export_to_a_uri_goes_through_fsspec(tmp_path):
     fs = fsspec.filesystem("memory")
     assert fs.cat("/bucket/models/run-1/model.safetensors") == b"weights"
     assert fs.cat("/bucket/models/run-1/1_Pooling/config.json") == b"{}"
+
+
+def test_local_export_replaces_an_old_model_but_never_other_folders(tmp_path):
+    from components.evaluate import upload_folder
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "modules.json").write_text("[]")
+    old = tmp_path / "exported"
+    old.mkdir()
+    (old / "modules.json").write_text("old")
+    (old / "stale.bin").write_text("stale")
+    upload_folder(model, str(old))
+    assert sorted(p.name for p in old.iterdir()) == ["modules.json"]
+    other = tmp_path / "my-files"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(StageError, match="not a saved model folder"):
+        upload_folder(model, str(other))
+    assert (other / "notes.txt").read_text() == "keep me"
