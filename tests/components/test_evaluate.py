@@ -234,3 +234,24 @@ def test_local_export_replaces_an_old_model_but_never_other_folders(tmp_path):
     with pytest.raises(StageError, match="not a saved model folder"):
         upload_folder(model, str(other))
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_queries_get_the_model_query_prompt(tmp_path, corpus, models):
+    from sentence_transformers import SentenceTransformer
+
+    from components.evaluate import evaluate_model
+
+    prompted = tmp_path / "prompted"
+    SentenceTransformer(str(models[0]), device="cpu", prompts={"query": "query: "}).save(str(prompted))
+    queries, documents, relevant, _ = evaluation_set(corpus)
+    with_prompt = evaluate_model(str(prompted), queries, documents, relevant, dims=[384])
+    without = evaluate_model(str(models[0]), queries, documents, relevant, dims=[384])
+    assert with_prompt["query_prompt"] == "query: " and without["query_prompt"] == ""
+    assert with_prompt["document_prompt"] == ""
+    # The prompt reaches the encoder: the same weights give other query vectors with it than without.
+    from components.evaluate import encode
+
+    model = SentenceTransformer(str(prompted), device="cpu")
+    assert not np.allclose(encode(model, queries[:2], "query: ", 8), encode(model, queries[:2], "", 8))
+    assert np.allclose(encode(model, queries[:2], "query: ", 8), encode(model, [f"query: {q}" for q in queries[:2]], "", 8),
+                       atol=1e-5)
