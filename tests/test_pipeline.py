@@ -13,7 +13,8 @@ from components.common import OUTPUT_COLUMNS, STAGE_IMAGES
 from pipeline import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME, compile_pipeline
 from tests.conftest import PROJECT_ROOT
 
-STAGES = ("load-docs", "generate-queries", "embed-score", "report", "export", "publish")
+STAGES = ("load-docs", "generate-queries", "embed-score", "report", "export", "publish", "finetune", "evaluate")
+GPU_TASKS = ["exec-embed-score-component", "exec-evaluate-component", "exec-finetune-component"]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +36,28 @@ def test_compiled_pipeline_has_every_stage_with_its_own_image(compiled):
     assert set(tasks) == {f"{stage}-component" for stage in STAGES}
     assert tasks["export-component"]["dependentTasks"] == ["embed-score-component", "report-component"]
     assert tasks["publish-component"]["dependentTasks"] == ["embed-score-component", "report-component"]
+    assert tasks["finetune-component"]["dependentTasks"] == ["embed-score-component"]
+    assert tasks["evaluate-component"]["dependentTasks"] == ["embed-score-component", "finetune-component"]
+    model_input = tasks["evaluate-component"]["inputs"]["artifacts"]["finetuned_model"]["taskOutputArtifact"]
+    assert model_input == {"outputArtifactKey": "model", "producerTask": "finetune-component"}
 
 
-def test_gpu_request_is_on_embed_score_only(compiled):
+def test_gpu_request_is_on_embed_score_finetune_and_evaluate_only(compiled):
     _, spec, platform = compiled
     executors = spec["deploymentSpec"]["executors"]
-    with_gpu = [name for name, executor in executors.items() if "accelerator" in executor["container"].get("resources", {})]
-    assert with_gpu == ["exec-embed-score-component"]
+    with_gpu = sorted(name for name, executor in executors.items()
+                      if "accelerator" in executor["container"].get("resources", {}))
+    assert with_gpu == GPU_TASKS
+    # One set of GPU parameters serves every GPU task.
+    tasks = spec["root"]["dag"]["tasks"]
+    for task in ("embed-score-component", "finetune-component", "evaluate-component"):
+        parameters = tasks[task]["inputs"]["parameters"]
+        assert parameters["pipelinechannel--gpu_accelerator_type"]["componentInputParameter"] == "gpu_accelerator_type"
+        assert parameters["pipelinechannel--gpu_count"]["componentInputParameter"] == "gpu_count"
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert "nodeSelector" in k8s["exec-embed-score-component"] and "tolerations" in k8s["exec-embed-score-component"]
-    assert not any("nodeSelector" in value for name, value in k8s.items() if name != "exec-embed-score-component")
+    for name in GPU_TASKS:
+        assert "nodeSelector" in k8s[name] and "tolerations" in k8s[name]
+    assert not any("nodeSelector" in value for name, value in k8s.items() if name not in GPU_TASKS)
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert defaults["gpu_accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
     assert defaults["gpu_node_selector"]["defaultValue"] == {"nvidia.com/gpu.present": "true"}
@@ -69,6 +82,14 @@ def test_cluster_defaults_and_secret_reference_only(compiled):
         assert defaults[name]["defaultValue"] == ""
     run_id = spec["root"]["dag"]["tasks"]["publish-component"]["inputs"]["parameters"]["run_id"]
     assert run_id["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    hub = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-evaluate-component"]
+    assert hub["secretAsEnv"][0]["secretName"] == HF_SECRET_NAME
+    assert not any("token" in name.lower() and ("hf" in name.lower() or "hub" in name.lower()) for name in defaults)
+    # Cluster finetuning defaults: ~100 optimizer steps on a thousand rows, in-batch negatives only (measured).
+    assert defaults["finetune_epochs"]["defaultValue"] == 3.0
+    assert defaults["finetune_batch_size"]["defaultValue"] == 32
+    assert defaults["finetune_hard_negatives"]["defaultValue"] is False
+    assert defaults["min_improvement"]["defaultValue"] == 0.01
 
 
 def test_committed_pipeline_yaml_is_fresh(compiled):
@@ -129,6 +150,12 @@ def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
     assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "report.md").exists()
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["generation_llm_requests"] > 0
+    evaluation = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert evaluation["dims"] == [384, 256, 128, 64]
+    for model in ("base", "finetuned"):
+        assert set(evaluation["models"][model]["metrics"]) == {"384", "256", "128", "64"}
+    assert "Retrieval, base vs finetuned" in first.stdout and evaluation["gate"]["reason"] in first.stdout
+    assert (tmp_path / "out" / "model").is_dir() == evaluation["gate"]["finetuned_wins"]
 
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr[-3000:]
