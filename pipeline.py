@@ -6,6 +6,8 @@ subprocess running the same code the cluster images run), `compile` writes the Y
 """
 
 import argparse
+import inspect
+import json
 import os
 import sys
 import time
@@ -17,9 +19,11 @@ from components.common import (
     CLUSTER_EMBEDDING_MODEL,
     CLUSTER_LLM,
     EMBEDDED_EMBEDDING_MODEL,
+    NETWORK_STAGES,
     SPLITS,
     StageError,
     read_json,
+    stage_resources,
 )
 from components.embed_score import embed_score_component
 from components.export import export_component
@@ -36,68 +40,121 @@ from components.report import report_component
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 PIPELINE_NAME = "docs-to-embedding-data"
+PIPELINE_DESCRIPTION = ("Turn documentation chunks into scored (anchor, positive, negative) triplets for "
+                        "embedding-model training, with distilabel and sentence-transformers.")
 DEFAULT_HUB_DATASET = "zenml/rag_qa_embedding_questions_0_60_0"
 DEFAULT_COMPILED = PROJECT_ROOT / "pipeline.yaml"
+DEFAULT_VERTEX_COMPILED = PROJECT_ROOT / "pipeline-vertex.yaml"
 DEFAULT_LLM_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "docs-to-embeddings" / "llm"
 # The Kubernetes secret that holds the OpenAI key; its value never becomes a pipeline parameter.
 OPENAI_SECRET_NAME = "openai-api-key"
 OPENAI_SECRET_KEY = "OPENAI_API_KEY"
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Turn documentation chunks into scored (anchor, positive, negative) "
-              "triplets for embedding-model training, with distilabel and sentence-transformers.")
-def docs_to_embedding_data(
-    dataset: str = DEFAULT_HUB_DATASET,
-    limit: int = 0,
-    text_column: str = DEFAULT_TEXT_COLUMN,
-    docs_base_url: str = "",
-    llm: str = CLUSTER_LLM,
-    llm_base_url: str = "",
-    context: str = DEFAULT_CONTEXT,
-    llm_cache_uri: str = "",
-    temperature: float = DEFAULT_TEMPERATURE,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    generation_batch_size: int = 16,
-    max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE,
-    embedding_model: str = CLUSTER_EMBEDDING_MODEL,
-    embedding_batch_size: int = 64,
-    gpu_accelerator_type: str = "nvidia.com/gpu",
-    gpu_count: int = 1,
-    gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},
-    gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-    output_uri: str = "",
-):
-    load = load_docs_component(source=dataset, limit=limit, text_column=text_column, docs_base_url=docs_base_url)
-    load.set_display_name("load_docs")
-
-    generate = generate_queries_component(
-        docs=load.outputs["docs"], llm=llm, llm_base_url=llm_base_url, context=context, llm_cache_uri=llm_cache_uri,
-        temperature=temperature, max_new_tokens=max_new_tokens, batch_size=generation_batch_size,
-        max_failure_rate=max_failure_rate,
-    )
-    generate.set_display_name("generate_queries")
-    # Optional: the local llama.cpp default and keyless OpenAI-compatible servers need no secret.
-    kubernetes.use_secret_as_env(generate, secret_name=OPENAI_SECRET_NAME,
-                                 secret_key_to_env={OPENAI_SECRET_KEY: "OPENAI_API_KEY"}, optional=True)
-
-    embed = embed_score_component(triplets=generate.outputs["triplets"], embedding_model=embedding_model,
-                                  batch_size=embedding_batch_size)
-    embed.set_display_name("embed_score")
-    embed.set_accelerator_type(gpu_accelerator_type).set_accelerator_limit(gpu_count)
-    kubernetes.add_node_selector_json(embed, gpu_node_selector)
-    kubernetes.add_toleration_json(embed, gpu_tolerations)
-
-    report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"],
-                              scored=embed.outputs["scored"])
-    report.set_display_name("report")
-
-    final = export_component(scored=embed.outputs["scored"], report_files=report.outputs["report_files"],
-                             output_uri=output_uri)
-    final.set_display_name("export")
+TARGETS = ("kfp", "vertex")
+# Vertex picks the machine from the accelerator and the CPU/memory limits: one L4 + 8 vCPU / 32 GB -> g2-standard-8.
+VERTEX_ACCELERATOR = "NVIDIA_L4"
+KFP_ACCELERATOR = "nvidia.com/gpu"
+# Caching: only stages that are pure functions of their inputs. load_docs may read a Hub id or bucket whose content
+# changes under the same name; generate_queries should sample afresh on a re-run (its own row cache, llm_cache_uri,
+# reuses finished rows keyed by chunk and LLM settings, which is finer than KFP's task cache); export writes to
+# output_uri, a side effect that a cache hit would skip.
+CACHED_STAGES = frozenset({"embed_score", "report"})
+# Network stages retry transient failures (rate limits, 5xx, node pre-emption): 30 s, 60 s, 120 s.
+RETRY = {"num_retries": 3, "backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
+# Parameters that exist on one target only (the rest of the signature is shared).
+KFP_ONLY_PARAMETERS = ("gpu_accelerator_type", "gpu_count", "gpu_node_selector", "gpu_tolerations")
+VERTEX_ONLY_PARAMETERS = ("openai_secret_resource",)
 
 
-def compile_pipeline(output: Path = DEFAULT_COMPILED) -> Path:
-    compiler.Compiler().compile(docs_to_embedding_data, str(output))
+def configure_task(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
+    """Settings every target shares: display name, CPU/memory, retries, caching."""
+    task.set_display_name(stage)
+    resources = stage_resources(stage)
+    task.set_cpu_request(resources["cpu_request"]).set_cpu_limit(resources["cpu_limit"])
+    task.set_memory_request(resources["memory_request"]).set_memory_limit(resources["memory_limit"])
+    if stage in NETWORK_STAGES:
+        task.set_retry(**RETRY)
+    task.set_caching_options(stage in CACHED_STAGES)
+    return task
+
+
+def build_pipeline(target: str = "kfp"):
+    """The one pipeline, with the settings of a target applied: `kfp` (Kubeflow) or `vertex` (Vertex AI)."""
+    if target not in TARGETS:
+        raise StageError(f"Unknown target {target!r}; use one of {', '.join(TARGETS)}.")
+
+    def docs_to_embedding_data(
+        dataset: str = DEFAULT_HUB_DATASET,
+        limit: int = 0,
+        text_column: str = DEFAULT_TEXT_COLUMN,
+        docs_base_url: str = "",
+        llm: str = CLUSTER_LLM,
+        llm_base_url: str = "",
+        context: str = DEFAULT_CONTEXT,
+        llm_cache_uri: str = "",
+        temperature: float = DEFAULT_TEMPERATURE,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        generation_batch_size: int = 16,
+        max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE,
+        embedding_model: str = CLUSTER_EMBEDDING_MODEL,
+        embedding_batch_size: int = 64,
+        gpu_accelerator_type: str = KFP_ACCELERATOR,
+        gpu_count: int = 1,
+        gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},
+        gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        openai_secret_resource: str = "",
+        output_uri: str = "",
+    ):
+        load = load_docs_component(source=dataset, limit=limit, text_column=text_column, docs_base_url=docs_base_url)
+        configure_task(load, "load_docs")
+
+        generation = dict(
+            docs=load.outputs["docs"], llm=llm, llm_base_url=llm_base_url, context=context,
+            llm_cache_uri=llm_cache_uri, temperature=temperature, max_new_tokens=max_new_tokens,
+            batch_size=generation_batch_size, max_failure_rate=max_failure_rate,
+        )
+        if target == "vertex":
+            # Vertex has no Kubernetes secrets: the task reads the key from Secret Manager by this name.
+            generation["openai_secret_resource"] = openai_secret_resource
+        generate = configure_task(generate_queries_component(**generation), "generate_queries")
+        if target == "kfp":
+            # Optional: the local llama.cpp default and keyless OpenAI-compatible servers need no secret.
+            kubernetes.use_secret_as_env(generate, secret_name=OPENAI_SECRET_NAME,
+                                         secret_key_to_env={OPENAI_SECRET_KEY: "OPENAI_API_KEY"}, optional=True)
+
+        embed = embed_score_component(triplets=generate.outputs["triplets"], embedding_model=embedding_model,
+                                      batch_size=embedding_batch_size)
+        configure_task(embed, "embed_score")
+        if target == "kfp":
+            embed.set_accelerator_type(gpu_accelerator_type).set_accelerator_limit(gpu_count)
+            kubernetes.add_node_selector_json(embed, gpu_node_selector)
+            kubernetes.add_toleration_json(embed, gpu_tolerations)
+        else:
+            embed.set_accelerator_type(VERTEX_ACCELERATOR).set_accelerator_limit(1)
+
+        report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"],
+                                  scored=embed.outputs["scored"])
+        configure_task(report, "report")
+
+        final = export_component(scored=embed.outputs["scored"], report_files=report.outputs["report_files"],
+                                 output_uri=output_uri)
+        configure_task(final, "export")
+
+    # One function body; each target shows only the parameters it uses (KFP reads the signature).
+    hidden = VERTEX_ONLY_PARAMETERS if target == "kfp" else KFP_ONLY_PARAMETERS
+    signature = inspect.signature(docs_to_embedding_data)
+    docs_to_embedding_data.__signature__ = signature.replace(
+        parameters=[value for name, value in signature.parameters.items() if name not in hidden])
+    return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(docs_to_embedding_data)
+
+
+# The Kubeflow build, also what `run` executes with kfp.local.
+docs_to_embedding_data = build_pipeline("kfp")
+
+
+def compile_pipeline(output: Path = DEFAULT_COMPILED, target: str = "kfp") -> Path:
+    compiler.Compiler().compile(build_pipeline(target), str(output))
     return output
 
 
@@ -182,16 +239,112 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failure-rate", type=float, default=DEFAULT_MAX_FAILURE_RATE,
                      help="fail the run when more than this fraction of rows fail generation")
 
-    comp = commands.add_parser("compile", help="write the KFP pipeline YAML")
-    comp.add_argument("--output", default=str(DEFAULT_COMPILED))
+    comp = commands.add_parser("compile", help="write the pipeline YAML for Kubeflow or Vertex AI")
+    comp.add_argument("--target", choices=TARGETS, default="kfp")
+    comp.add_argument("--output", default="", help=f"default: {DEFAULT_COMPILED.name} (kfp), "
+                      f"{DEFAULT_VERTEX_COMPILED.name} (vertex)")
+
+    sub = commands.add_parser("submit", help="compile and start a run on Vertex AI Pipelines or Kubeflow")
+    sub.add_argument("--target", choices=TARGETS, required=True)
+    sub.add_argument("--template", default="", help="a compiled YAML to submit instead of a fresh compile")
+    sub.add_argument("--param", action="append", default=[], metavar="K=V",
+                     help="pipeline parameter (repeatable); V is parsed as JSON when it can be, else a string")
+    sub.add_argument("--display-name", default="", help="run name (default: pipeline name + time)")
+    vertex = sub.add_argument_group("vertex")
+    vertex.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT", ""))
+    vertex.add_argument("--region", default=os.environ.get("GOOGLE_CLOUD_REGION", ""))
+    vertex.add_argument("--pipeline-root", default="", help="gs://BUCKET/PATH for the run's artifacts")
+    vertex.add_argument("--service-account", default="", help="the identity the run's tasks use")
+    vertex.add_argument("--label", action="append", default=[], metavar="K=V", help="run label (repeatable)")
+    kfp_group = sub.add_argument_group("kfp")
+    kfp_group.add_argument("--host", default=os.environ.get("KFP_HOST", ""), help="KFP API endpoint URL")
+    kfp_group.add_argument("--namespace", default="", help="Kubeflow profile namespace")
+    kfp_group.add_argument("--experiment", default="", help="KFP experiment name")
     return parser
+
+
+def parse_pairs(pairs: list[str], what: str, as_json: bool) -> dict:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise StageError(f"{what} {pair!r} is not KEY=VALUE.")
+        if as_json:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # a plain string
+        values[key] = value
+    return values
+
+
+def submit(args: argparse.Namespace) -> str:
+    """Start a run; returns the run's resource name (Vertex) or id (Kubeflow)."""
+    import tempfile
+
+    parameters = parse_pairs(args.param, "--param", as_json=True)
+    display_name = args.display_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory() as scratch:
+        template = Path(args.template) if args.template else compile_pipeline(
+            Path(scratch) / f"{PIPELINE_NAME}-{args.target}.yaml", args.target)
+        if not template.exists():
+            raise StageError(f"--template {template} does not exist.")
+        if args.target == "vertex":
+            return submit_vertex(args, template, parameters, display_name)
+        return submit_kfp(args, template, parameters, display_name)
+
+
+def submit_vertex(args: argparse.Namespace, template: Path, parameters: dict, display_name: str) -> str:
+    missing = [flag for flag, value in (("--project", args.project), ("--region", args.region),
+                                        ("--pipeline-root", args.pipeline_root),
+                                        ("--service-account", args.service_account)) if not value]
+    if missing:
+        raise StageError(f"Vertex submission needs {', '.join(missing)}.")
+    if not args.pipeline_root.startswith("gs://"):
+        raise StageError(f"--pipeline-root must be a gs:// URI, not {args.pipeline_root!r}.")
+    labels = parse_pairs(args.label, "--label", as_json=False)
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import aiplatform
+
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    except DefaultCredentialsError as error:
+        raise StageError("No Google Cloud credentials: run `gcloud auth application-default login` or set "
+                         f"GOOGLE_APPLICATION_CREDENTIALS to a service-account key file ({error}).") from error
+    job = aiplatform.PipelineJob(
+        display_name=display_name, template_path=str(template), pipeline_root=args.pipeline_root,
+        parameter_values=parameters, labels=labels, project=args.project, location=args.region,
+        credentials=credentials,
+    )
+    job.submit(service_account=args.service_account)
+    return job.resource_name
+
+
+def submit_kfp(args: argparse.Namespace, template: Path, parameters: dict, display_name: str) -> str:
+    if not args.host:
+        raise StageError("Kubeflow submission needs --host (the KFP API URL, e.g. "
+                         "https://kubeflow.example.com/pipeline) or KFP_HOST.")
+    import kfp
+
+    # Bearer token from the environment if the endpoint needs one (never a command-line flag: shells log those).
+    client = kfp.Client(host=args.host, namespace=args.namespace or None,
+                        existing_token=os.environ.get("KFP_TOKEN") or None)
+    run = client.create_run_from_pipeline_package(
+        str(template), arguments=parameters, run_name=display_name,
+        experiment_name=args.experiment or None, namespace=args.namespace or None)
+    return run.run_id
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "compile":
-            print(f"Wrote {compile_pipeline(Path(args.output))}")
+            default = DEFAULT_COMPILED if args.target == "kfp" else DEFAULT_VERTEX_COMPILED
+            print(f"Wrote {compile_pipeline(Path(args.output or default), args.target)}")
+            return 0
+        if args.command == "submit":
+            print(f"Submitted {submit(args)}")
             return 0
         return run_locally(args)
     except StageError as error:
