@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup run test compile lock clean
+.PHONY: setup run test compile lock clean images push manifests image-test-deps
 
 setup: $(STAMP)
 
@@ -25,11 +25,46 @@ $(STAMP): requirements.lock
 run: $(STAMP)
 	$(PY) pipeline.py run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) image-test-deps
 	$(PY) -m pytest $(ARGS)
 
+# Both compiled targets are committed; tests check they are fresh.
 compile: $(STAMP)
-	$(PY) pipeline.py compile
+	$(PY) pipeline.py compile --target kfp
+	$(PY) pipeline.py compile --target vertex
+
+# ---- Images: one per stage, all tagged with one version; refs come from STAGE_IMAGES (components/common.py) ----
+# Override: make images REGISTRY=europe-docker.pkg.dev/P/REPO VERSION=$$(git rev-parse --short HEAD)
+# and compile with the same values: D2E_IMAGE_REGISTRY=... D2E_IMAGE_VERSION=... python pipeline.py compile
+ENGINE ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+REGISTRY ?= ghcr.io/docs-to-embeddings
+VERSION ?= $(shell $(PYTHON) -c 'from components import __version__; print(__version__)')
+BUILD_ARGS ?=
+IMAGE_LIST = $(shell D2E_IMAGE_REGISTRY=$(REGISTRY) D2E_IMAGE_VERSION=$(VERSION) $(PYTHON) -c \
+	'from components.common import STAGE_IMAGES as s; print(" ".join(f"{k}={v}" for k, v in s.items()))')
+
+images:
+	@test -n "$(ENGINE)" || { echo "make images needs podman or docker"; exit 1; }
+	@set -e; for pair in $(IMAGE_LIST); do stage=$${pair%%=*}; ref=$${pair#*=}; \
+	  test -f images/$$stage/Dockerfile || { echo "images/$$stage/Dockerfile is missing"; exit 1; }; \
+	  echo "== $$stage -> $$ref"; \
+	  $(ENGINE) build --build-arg VERSION=$(VERSION) $(BUILD_ARGS) -f images/$$stage/Dockerfile -t $$ref . ; \
+	done
+
+push:
+	@test -n "$(ENGINE)" || { echo "make push needs podman or docker"; exit 1; }
+	@set -e; for pair in $(IMAGE_LIST); do ref=$${pair#*=}; echo "== push $$ref"; $(ENGINE) push $$ref; done
+
+# ---- GitOps: kustomize base + overlays with the KFP Pipeline/PipelineVersion resources (tests check freshness) ----
+manifests: $(STAMP)
+	$(PY) pipeline.py manifests
+
+# The image test builds a stage image offline with podman on a debootstrap base (CI runs as root).
+image-test-deps:
+	@if command -v podman >/dev/null && command -v debootstrap >/dev/null && command -v runc >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap; \
+	else echo "warning: podman/runc/debootstrap missing and cannot be installed here; the image test will fail"; fi
 
 clean:
 	rm -rf outputs local_outputs .pytest_cache

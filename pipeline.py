@@ -9,6 +9,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from components.common import (
     CLUSTER_EMBEDDING_MODEL,
     CLUSTER_LLM,
     EMBEDDED_EMBEDDING_MODEL,
+    IMAGE_VERSION,
     NETWORK_STAGES,
     SPLITS,
     StageError,
@@ -158,6 +160,30 @@ def compile_pipeline(output: Path = DEFAULT_COMPILED, target: str = "kfp") -> Pa
     return output
 
 
+MANIFESTS_DIR = PROJECT_ROOT / "manifests"
+GENERATED_MANIFEST = MANIFESTS_DIR / "base" / "pipeline.yaml"
+MANIFEST_NAMESPACE = "kubeflow"
+
+
+def pipeline_version_name(version: str = IMAGE_VERSION) -> str:
+    """The PipelineVersion name: from the image version, since a PipelineVersion's spec is immutable."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", f"{PIPELINE_NAME}-v{version}".lower()).strip("-")
+    return slug[:63].rstrip("-")
+
+
+def write_manifests(output: Path = GENERATED_MANIFEST) -> Path:
+    """The KFP compiler's own Kubernetes-native Pipeline + PipelineVersion resources, for the kustomize base."""
+    from kfp.compiler.compiler_utils import KubernetesManifestOptions
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    options = KubernetesManifestOptions(
+        pipeline_name=PIPELINE_NAME, pipeline_version_name=pipeline_version_name(), namespace=MANIFEST_NAMESPACE,
+        include_pipeline_manifest=True)
+    compiler.Compiler().compile(build_pipeline("kfp"), str(output), kubernetes_manifest_format=True,
+                                kubernetes_manifest_options=options)
+    return output
+
+
 def _is_local(value: str) -> bool:
     return "://" not in value and Path(value).expanduser().exists()
 
@@ -243,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--target", choices=TARGETS, default="kfp")
     comp.add_argument("--output", default="", help=f"default: {DEFAULT_COMPILED.name} (kfp), "
                       f"{DEFAULT_VERTEX_COMPILED.name} (vertex)")
+
+    man = commands.add_parser("manifests", help="write manifests/base/pipeline.yaml (Pipeline + PipelineVersion)")
+    man.add_argument("--output", default=str(GENERATED_MANIFEST))
 
     sub = commands.add_parser("submit", help="compile and start a run on Vertex AI Pipelines or Kubeflow")
     sub.add_argument("--target", choices=TARGETS, required=True)
@@ -342,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compile":
             default = DEFAULT_COMPILED if args.target == "kfp" else DEFAULT_VERTEX_COMPILED
             print(f"Wrote {compile_pipeline(Path(args.output or default), args.target)}")
+            return 0
+        if args.command == "manifests":
+            print(f"Wrote {write_manifests(Path(args.output))}")
             return 0
         if args.command == "submit":
             print(f"Submitted {submit(args)}")

@@ -64,7 +64,7 @@ STAGE_IMAGES: dict[str, str] = {
 # Stages whose image carries a CUDA build of torch and whose task requests a GPU (finetune joins when it exists).
 GPU_STAGES: frozenset[str] = frozenset({"embed_score", "finetune"})
 # Stages that call other services (Hub, object storage, LLM APIs): retried with backoff on transient failures.
-NETWORK_STAGES: frozenset[str] = frozenset({"load_docs", "generate_queries", "embed_score", "export", "publish"})
+NETWORK_STAGES: frozenset[str] = frozenset({"load_docs", "generate_queries", "embed_score", "publish"})
 
 
 def stage_resources(stage: str) -> dict[str, str]:
