@@ -6,6 +6,7 @@ subprocess running the same code the cluster images run), `compile` writes the Y
 """
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -143,12 +144,18 @@ def build_pipeline(target: str = "kfp"):
                                  output_uri=output_uri)
         configure_task(final, "export")
 
-    # One function body; each target shows only the parameters it uses (KFP reads the signature).
+    # One function body; each target shows only the parameters it uses. KFP reads the signature and calls the
+    # function positionally in that order, so bind by name before calling the body.
     hidden = VERTEX_ONLY_PARAMETERS if target == "kfp" else KFP_ONLY_PARAMETERS
-    signature = inspect.signature(docs_to_embedding_data)
-    docs_to_embedding_data.__signature__ = signature.replace(
-        parameters=[value for name, value in signature.parameters.items() if name not in hidden])
-    return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(docs_to_embedding_data)
+    full = inspect.signature(docs_to_embedding_data)
+    public = full.replace(parameters=[value for name, value in full.parameters.items() if name not in hidden])
+
+    @functools.wraps(docs_to_embedding_data)
+    def pipeline_for_target(*args, **kwargs):
+        return docs_to_embedding_data(**public.bind(*args, **kwargs).arguments)
+
+    pipeline_for_target.__signature__ = public
+    return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(pipeline_for_target)
 
 
 # The Kubeflow build, also what `run` executes with kfp.local.
