@@ -34,18 +34,20 @@ compile: $(STAMP)
 	$(PY) pipeline.py compile --target vertex
 
 # ---- Images: one per stage, all tagged with one version; refs come from STAGE_IMAGES (components/common.py) ----
-# Override: make images REGISTRY=europe-docker.pkg.dev/P/REPO VERSION=$$(git rev-parse --short HEAD)
+# ONLY="load_docs report" builds a subset. Override: make images REGISTRY=europe-docker.pkg.dev/P/REPO VERSION=$$(git rev-parse --short HEAD)
 # and compile with the same values: D2E_IMAGE_REGISTRY=... D2E_IMAGE_VERSION=... python pipeline.py compile
 ENGINE ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
 REGISTRY ?= ghcr.io/docs-to-embeddings
 VERSION ?= $(shell $(PYTHON) -c 'from components import __version__; print(__version__)')
 BUILD_ARGS ?=
+ONLY ?=
 IMAGE_LIST = $(shell D2E_IMAGE_REGISTRY=$(REGISTRY) D2E_IMAGE_VERSION=$(VERSION) $(PYTHON) -c \
 	'from components.common import STAGE_IMAGES as s; print(" ".join(f"{k}={v}" for k, v in s.items()))')
 
 images:
 	@test -n "$(ENGINE)" || { echo "make images needs podman or docker"; exit 1; }
 	@set -e; for pair in $(IMAGE_LIST); do stage=$${pair%%=*}; ref=$${pair#*=}; \
+	  if [ -n "$(ONLY)" ] && ! echo " $(ONLY) " | grep -q " $$stage "; then continue; fi; \
 	  test -f images/$$stage/Dockerfile || { echo "images/$$stage/Dockerfile is missing"; exit 1; }; \
 	  echo "== $$stage -> $$ref"; \
 	  $(ENGINE) build --build-arg VERSION=$(VERSION) $(BUILD_ARGS) -f images/$$stage/Dockerfile -t $$ref . ; \
