@@ -2,7 +2,8 @@
 """The pipeline: documentation chunks -> synthetic query triplets -> scored embedding training data.
 
 One pipeline function serves both targets: `run` executes it locally with kfp.local (each stage a
-subprocess running the same code the cluster images run), `compile` writes the YAML for Kubeflow.
+subprocess running the same code the cluster images run), `compile --target kfp|vertex` writes the YAML for
+Kubeflow or Vertex AI, `submit` starts a run there, `manifests` writes the GitOps Pipeline/PipelineVersion.
 """
 
 import argparse
