@@ -2,11 +2,16 @@
 """The pipeline: documentation chunks -> synthetic query triplets -> scored embedding training data.
 
 One pipeline function serves both targets: `run` executes it locally with kfp.local (each stage a
-subprocess running the same code the cluster images run), `compile` writes the YAML for Kubeflow.
+subprocess running the same code the cluster images run), `compile --target kfp|vertex` writes the YAML for
+Kubeflow or Vertex AI, `submit` starts a run there, `manifests` writes the GitOps Pipeline/PipelineVersion.
 """
 
 import argparse
+import functools
+import inspect
+import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -18,9 +23,12 @@ from components.common import (
     CLUSTER_EMBEDDING_MODEL,
     CLUSTER_LLM,
     EMBEDDED_EMBEDDING_MODEL,
+    IMAGE_VERSION,
+    NETWORK_STAGES,
     SPLITS,
     StageError,
     read_json,
+    stage_resources,
 )
 from components.embed_score import embed_score_component
 from components.evaluate import DEFAULT_MIN_IMPROVEMENT, evaluate_component, format_table
@@ -48,8 +56,11 @@ from components.report import report_component
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 PIPELINE_NAME = "docs-to-embedding-data"
+PIPELINE_DESCRIPTION = ("Turn documentation chunks into scored (anchor, positive, negative) triplets for "
+                        "embedding-model training, with distilabel and sentence-transformers.")
 DEFAULT_HUB_DATASET = "zenml/rag_qa_embedding_questions_0_60_0"
 DEFAULT_COMPILED = PROJECT_ROOT / "pipeline.yaml"
+DEFAULT_VERTEX_COMPILED = PROJECT_ROOT / "pipeline-vertex.yaml"
 DEFAULT_LLM_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "docs-to-embeddings" / "llm"
 # The Kubernetes secret that holds the OpenAI key; its value never becomes a pipeline parameter.
 OPENAI_SECRET_NAME = "openai-api-key"
@@ -67,108 +78,191 @@ LOCAL_FINETUNE_BATCH_SIZE = 16
 LOCAL_MAX_FAILURE_RATE = 0.25
 
 
-def request_gpu(task, accelerator_type, count, node_selector, tolerations) -> None:
-    """The same GPU request, node selector and tolerations for every GPU task (ignored by kfp.local)."""
-    task.set_accelerator_type(accelerator_type).set_accelerator_limit(count)
-    kubernetes.add_node_selector_json(task, node_selector)
-    kubernetes.add_toleration_json(task, tolerations)
+TARGETS = ("kfp", "vertex")
+# Vertex picks the machine from the accelerator and the CPU/memory limits: one L4 + 8 vCPU / 32 GB -> g2-standard-8.
+VERTEX_ACCELERATOR = "NVIDIA_L4"
+KFP_ACCELERATOR = "nvidia.com/gpu"
+# Caching: only stages that are pure functions of their inputs. load_docs may read a Hub id or bucket whose content
+# changes under the same name; generate_queries should sample afresh on a re-run (its own row cache, llm_cache_uri,
+# reuses finished rows keyed by chunk and LLM settings, which is finer than KFP's task cache); export writes to
+# output_uri, a side effect that a cache hit would skip.
+CACHED_STAGES = frozenset({"embed_score", "report"})
+# Network stages retry transient failures (rate limits, 5xx, node pre-emption): 30 s, 60 s, 120 s.
+RETRY = {"num_retries": 3, "backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
+# Parameters that exist on one target only (the rest of the signature is shared).
+KFP_ONLY_PARAMETERS = ("gpu_accelerator_type", "gpu_count", "gpu_node_selector", "gpu_tolerations")
+VERTEX_ONLY_PARAMETERS = ("openai_secret_resource",)
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Turn documentation chunks into scored (anchor, positive, negative) "
-              "triplets for embedding-model training, with distilabel and sentence-transformers.")
-def docs_to_embedding_data(
-    dataset: str = DEFAULT_HUB_DATASET,
-    limit: int = 0,
-    text_column: str = DEFAULT_TEXT_COLUMN,
-    docs_base_url: str = "",
-    llm: str = CLUSTER_LLM,
-    llm_base_url: str = "",
-    context: str = DEFAULT_CONTEXT,
-    llm_cache_uri: str = "",
-    temperature: float = DEFAULT_TEMPERATURE,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    generation_batch_size: int = 16,
-    max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE,
-    embedding_model: str = CLUSTER_EMBEDDING_MODEL,
-    embedding_batch_size: int = 64,
-    gpu_accelerator_type: str = "nvidia.com/gpu",
-    gpu_count: int = 1,
-    gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},
-    gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-    output_uri: str = "",
-    argilla_url: str = "",
-    argilla_dataset: str = DEFAULT_ARGILLA_DATASET,
-    argilla_workspace: str = "",
-    hub_repo: str = "",
-    hub_private: bool = True,
-    export_uri: str = "",
-    finetune_epochs: float = DEFAULT_FINETUNE_EPOCHS,
-    finetune_batch_size: int = DEFAULT_FINETUNE_BATCH_SIZE,
-    finetune_learning_rate: float = DEFAULT_FINETUNE_LEARNING_RATE,
-    finetune_warmup_ratio: float = DEFAULT_FINETUNE_WARMUP_RATIO,
-    finetune_hard_negatives: bool = DEFAULT_USE_HARD_NEGATIVES,
-    finetune_seed: int = DEFAULT_FINETUNE_SEED,
-    min_improvement: float = DEFAULT_MIN_IMPROVEMENT,
-    model_export_uri: str = "",
-    hub_model_repo: str = "",
-):
-    load = load_docs_component(source=dataset, limit=limit, text_column=text_column, docs_base_url=docs_base_url)
-    load.set_display_name("load_docs")
-
-    generate = generate_queries_component(
-        docs=load.outputs["docs"], llm=llm, llm_base_url=llm_base_url, context=context, llm_cache_uri=llm_cache_uri,
-        temperature=temperature, max_new_tokens=max_new_tokens, batch_size=generation_batch_size,
-        max_failure_rate=max_failure_rate,
-    )
-    generate.set_display_name("generate_queries")
-    # Optional: the local llama.cpp default and keyless OpenAI-compatible servers need no secret.
-    kubernetes.use_secret_as_env(generate, secret_name=OPENAI_SECRET_NAME,
-                                 secret_key_to_env={OPENAI_SECRET_KEY: "OPENAI_API_KEY"}, optional=True)
-
-    embed = embed_score_component(triplets=generate.outputs["triplets"], embedding_model=embedding_model,
-                                  batch_size=embedding_batch_size)
-    embed.set_display_name("embed_score")
-    request_gpu(embed, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
-
-    report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"],
-                              scored=embed.outputs["scored"])
-    report.set_display_name("report")
-
-    final = export_component(scored=embed.outputs["scored"], report_files=report.outputs["report_files"],
-                             output_uri=output_uri)
-    final.set_display_name("export")
-
-    publish = publish_component(
-        scored=embed.outputs["scored"], report_files=report.outputs["report_files"], argilla_url=argilla_url,
-        argilla_dataset=argilla_dataset, argilla_workspace=argilla_workspace, hub_repo=hub_repo,
-        hub_private=hub_private, export_uri=export_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    )
-    publish.set_display_name("publish")
-    # Optional: each target is skipped when unconfigured, and then needs no secret.
-    kubernetes.use_secret_as_env(publish, secret_name=ARGILLA_SECRET_NAME,
-                                 secret_key_to_env={ARGILLA_API_KEY_ENV: ARGILLA_API_KEY_ENV}, optional=True)
-    kubernetes.use_secret_as_env(publish, secret_name=HF_SECRET_NAME,
-                                 secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True)
-    tune = finetune_component(scored=embed.outputs["scored"], embedding_model=embedding_model, epochs=finetune_epochs,
-                              batch_size=finetune_batch_size, learning_rate=finetune_learning_rate,
-                              warmup_ratio=finetune_warmup_ratio, use_hard_negatives=finetune_hard_negatives,
-                              seed=finetune_seed)
-    tune.set_display_name("finetune")
-    request_gpu(tune, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
-
-    # Evaluate encodes the whole corpus twice (base and finetuned): with a large model that wants the GPU too.
-    judge = evaluate_component(scored=embed.outputs["scored"], finetuned_model=tune.outputs["model"],
-                               base_model=embedding_model, min_improvement=min_improvement,
-                               model_export_uri=model_export_uri, hub_model_repo=hub_model_repo,
-                               output_uri=output_uri)
-    judge.set_display_name("evaluate")
-    request_gpu(judge, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
-    kubernetes.use_secret_as_env(judge, secret_name=HF_SECRET_NAME, secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV},
-                                 optional=True)
+def configure_task(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
+    """Settings every target shares: display name, CPU/memory, retries, caching."""
+    task.set_display_name(stage)
+    resources = stage_resources(stage)
+    task.set_cpu_request(resources["cpu_request"]).set_cpu_limit(resources["cpu_limit"])
+    task.set_memory_request(resources["memory_request"]).set_memory_limit(resources["memory_limit"])
+    if stage in NETWORK_STAGES:
+        task.set_retry(**RETRY)
+    task.set_caching_options(stage in CACHED_STAGES)
+    return task
 
 
-def compile_pipeline(output: Path = DEFAULT_COMPILED) -> Path:
-    compiler.Compiler().compile(docs_to_embedding_data, str(output))
+def request_gpu(task: dsl.PipelineTask, target: str, accelerator_type, count, node_selector, tolerations) -> None:
+    """The same GPU request on every GPU task: parameters on Kubeflow, a fixed accelerator on Vertex."""
+    if target == "kfp":
+        task.set_accelerator_type(accelerator_type).set_accelerator_limit(count)
+        kubernetes.add_node_selector_json(task, node_selector)
+        kubernetes.add_toleration_json(task, tolerations)
+    else:
+        task.set_accelerator_type(VERTEX_ACCELERATOR).set_accelerator_limit(1)
+
+
+def build_pipeline(target: str = "kfp"):
+    """The one pipeline, with the settings of a target applied: `kfp` (Kubeflow) or `vertex` (Vertex AI)."""
+    if target not in TARGETS:
+        raise StageError(f"Unknown target {target!r}; use one of {', '.join(TARGETS)}.")
+
+    def docs_to_embedding_data(
+        dataset: str = DEFAULT_HUB_DATASET,
+        limit: int = 0,
+        text_column: str = DEFAULT_TEXT_COLUMN,
+        docs_base_url: str = "",
+        llm: str = CLUSTER_LLM,
+        llm_base_url: str = "",
+        context: str = DEFAULT_CONTEXT,
+        llm_cache_uri: str = "",
+        temperature: float = DEFAULT_TEMPERATURE,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        generation_batch_size: int = 16,
+        max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE,
+        embedding_model: str = CLUSTER_EMBEDDING_MODEL,
+        embedding_batch_size: int = 64,
+        gpu_accelerator_type: str = KFP_ACCELERATOR,
+        gpu_count: int = 1,
+        gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},
+        gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        openai_secret_resource: str = "",
+        output_uri: str = "",
+        argilla_url: str = "",
+        argilla_dataset: str = DEFAULT_ARGILLA_DATASET,
+        argilla_workspace: str = "",
+        hub_repo: str = "",
+        hub_private: bool = True,
+        export_uri: str = "",
+        finetune_epochs: float = DEFAULT_FINETUNE_EPOCHS,
+        finetune_batch_size: int = DEFAULT_FINETUNE_BATCH_SIZE,
+        finetune_learning_rate: float = DEFAULT_FINETUNE_LEARNING_RATE,
+        finetune_warmup_ratio: float = DEFAULT_FINETUNE_WARMUP_RATIO,
+        finetune_hard_negatives: bool = DEFAULT_USE_HARD_NEGATIVES,
+        finetune_seed: int = DEFAULT_FINETUNE_SEED,
+        min_improvement: float = DEFAULT_MIN_IMPROVEMENT,
+        model_export_uri: str = "",
+        hub_model_repo: str = "",
+    ):
+        load = load_docs_component(source=dataset, limit=limit, text_column=text_column, docs_base_url=docs_base_url)
+        configure_task(load, "load_docs")
+
+        generation = dict(
+            docs=load.outputs["docs"], llm=llm, llm_base_url=llm_base_url, context=context,
+            llm_cache_uri=llm_cache_uri, temperature=temperature, max_new_tokens=max_new_tokens,
+            batch_size=generation_batch_size, max_failure_rate=max_failure_rate,
+        )
+        if target == "vertex":
+            # Vertex has no Kubernetes secrets: the task reads the key from Secret Manager by this name.
+            generation["openai_secret_resource"] = openai_secret_resource
+        generate = configure_task(generate_queries_component(**generation), "generate_queries")
+        if target == "kfp":
+            # Optional: the local llama.cpp default and keyless OpenAI-compatible servers need no secret.
+            kubernetes.use_secret_as_env(generate, secret_name=OPENAI_SECRET_NAME,
+                                         secret_key_to_env={OPENAI_SECRET_KEY: "OPENAI_API_KEY"}, optional=True)
+
+        embed = embed_score_component(triplets=generate.outputs["triplets"], embedding_model=embedding_model,
+                                      batch_size=embedding_batch_size)
+        configure_task(embed, "embed_score")
+        gpu = (target, gpu_accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
+        request_gpu(embed, *gpu)
+
+        report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"],
+                                  scored=embed.outputs["scored"])
+        configure_task(report, "report")
+
+        final = export_component(scored=embed.outputs["scored"], report_files=report.outputs["report_files"],
+                                 output_uri=output_uri)
+        configure_task(final, "export")
+
+        publish = publish_component(
+            scored=embed.outputs["scored"], report_files=report.outputs["report_files"], argilla_url=argilla_url,
+            argilla_dataset=argilla_dataset, argilla_workspace=argilla_workspace, hub_repo=hub_repo,
+            hub_private=hub_private, export_uri=export_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        )
+        configure_task(publish, "publish")
+
+        tune = finetune_component(
+            scored=embed.outputs["scored"], embedding_model=embedding_model, epochs=finetune_epochs,
+            batch_size=finetune_batch_size, learning_rate=finetune_learning_rate, warmup_ratio=finetune_warmup_ratio,
+            use_hard_negatives=finetune_hard_negatives, seed=finetune_seed)
+        configure_task(tune, "finetune")
+        request_gpu(tune, *gpu)
+
+        # Evaluate encodes the whole corpus twice (base and finetuned): with a large model that wants the GPU too.
+        judge = evaluate_component(
+            scored=embed.outputs["scored"], finetuned_model=tune.outputs["model"], base_model=embedding_model,
+            min_improvement=min_improvement, model_export_uri=model_export_uri, hub_model_repo=hub_model_repo,
+            output_uri=output_uri)
+        configure_task(judge, "evaluate")
+        request_gpu(judge, *gpu)
+
+        if target == "kfp":
+            # Optional: each publishing target is skipped when unconfigured, and then needs no secret.
+            kubernetes.use_secret_as_env(publish, secret_name=ARGILLA_SECRET_NAME,
+                                         secret_key_to_env={ARGILLA_API_KEY_ENV: ARGILLA_API_KEY_ENV}, optional=True)
+            for task in (publish, judge):
+                kubernetes.use_secret_as_env(task, secret_name=HF_SECRET_NAME,
+                                             secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True)
+
+    # One function body; each target shows only the parameters it uses. KFP reads the signature and calls the
+    # function positionally in that order, so bind by name before calling the body.
+    hidden = VERTEX_ONLY_PARAMETERS if target == "kfp" else KFP_ONLY_PARAMETERS
+    full = inspect.signature(docs_to_embedding_data)
+    public = full.replace(parameters=[value for name, value in full.parameters.items() if name not in hidden])
+
+    @functools.wraps(docs_to_embedding_data)
+    def pipeline_for_target(*args, **kwargs):
+        return docs_to_embedding_data(**public.bind(*args, **kwargs).arguments)
+
+    pipeline_for_target.__signature__ = public
+    return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(pipeline_for_target)
+
+
+# The Kubeflow build, also what `run` executes with kfp.local.
+docs_to_embedding_data = build_pipeline("kfp")
+
+
+def compile_pipeline(output: Path = DEFAULT_COMPILED, target: str = "kfp") -> Path:
+    compiler.Compiler().compile(build_pipeline(target), str(output))
+    return output
+
+
+MANIFESTS_DIR = PROJECT_ROOT / "manifests"
+GENERATED_MANIFEST = MANIFESTS_DIR / "base" / "pipeline.yaml"
+MANIFEST_NAMESPACE = "kubeflow"
+
+
+def pipeline_version_name(version: str = IMAGE_VERSION) -> str:
+    """The PipelineVersion name: from the image version, since a PipelineVersion's spec is immutable."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", f"{PIPELINE_NAME}-v{version}".lower()).strip("-")
+    return slug[:63].rstrip("-")
+
+
+def write_manifests(output: Path = GENERATED_MANIFEST) -> Path:
+    """The KFP compiler's own Kubernetes-native Pipeline + PipelineVersion resources, for the kustomize base."""
+    from kfp.compiler.compiler_utils import KubernetesManifestOptions
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    options = KubernetesManifestOptions(
+        pipeline_name=PIPELINE_NAME, pipeline_version_name=pipeline_version_name(), namespace=MANIFEST_NAMESPACE,
+        include_pipeline_manifest=True)
+    compiler.Compiler().compile(build_pipeline("kfp"), str(output), kubernetes_manifest_format=True,
+                                kubernetes_manifest_options=options)
     return output
 
 
@@ -369,16 +463,118 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--hub-model-repo", default="", help="also push a winning model to this Hub repo (HF_TOKEN "
                       "from the environment)")
 
-    comp = commands.add_parser("compile", help="write the KFP pipeline YAML")
-    comp.add_argument("--output", default=str(DEFAULT_COMPILED))
+    comp = commands.add_parser("compile", help="write the pipeline YAML for Kubeflow or Vertex AI")
+    comp.add_argument("--target", choices=TARGETS, default="kfp")
+    comp.add_argument("--output", default="", help=f"default: {DEFAULT_COMPILED.name} (kfp), "
+                      f"{DEFAULT_VERTEX_COMPILED.name} (vertex)")
+
+    man = commands.add_parser("manifests", help="write manifests/base/pipeline.yaml (Pipeline + PipelineVersion)")
+    man.add_argument("--output", default=str(GENERATED_MANIFEST))
+
+    sub = commands.add_parser("submit", help="compile and start a run on Vertex AI Pipelines or Kubeflow")
+    sub.add_argument("--target", choices=TARGETS, required=True)
+    sub.add_argument("--template", default="", help="a compiled YAML to submit instead of a fresh compile")
+    sub.add_argument("--param", action="append", default=[], metavar="K=V",
+                     help="pipeline parameter (repeatable); V is parsed as JSON when it can be, else a string")
+    sub.add_argument("--display-name", default="", help="run name (default: pipeline name + time)")
+    vertex = sub.add_argument_group("vertex")
+    vertex.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT", ""))
+    vertex.add_argument("--region", default=os.environ.get("GOOGLE_CLOUD_REGION", ""))
+    vertex.add_argument("--pipeline-root", default="", help="gs://BUCKET/PATH for the run's artifacts")
+    vertex.add_argument("--service-account", default="", help="the identity the run's tasks use")
+    vertex.add_argument("--label", action="append", default=[], metavar="K=V", help="run label (repeatable)")
+    kfp_group = sub.add_argument_group("kfp")
+    kfp_group.add_argument("--host", default=os.environ.get("KFP_HOST", ""), help="KFP API endpoint URL")
+    kfp_group.add_argument("--namespace", default="", help="Kubeflow profile namespace")
+    kfp_group.add_argument("--experiment", default="", help="KFP experiment name")
     return parser
+
+
+def parse_pairs(pairs: list[str], what: str, as_json: bool) -> dict:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise StageError(f"{what} {pair!r} is not KEY=VALUE.")
+        if as_json:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # a plain string
+        values[key] = value
+    return values
+
+
+def submit(args: argparse.Namespace) -> str:
+    """Start a run; returns the run's resource name (Vertex) or id (Kubeflow)."""
+    import tempfile
+
+    parameters = parse_pairs(args.param, "--param", as_json=True)
+    display_name = args.display_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory() as scratch:
+        template = Path(args.template) if args.template else compile_pipeline(
+            Path(scratch) / f"{PIPELINE_NAME}-{args.target}.yaml", args.target)
+        if not template.exists():
+            raise StageError(f"--template {template} does not exist.")
+        if args.target == "vertex":
+            return submit_vertex(args, template, parameters, display_name)
+        return submit_kfp(args, template, parameters, display_name)
+
+
+def submit_vertex(args: argparse.Namespace, template: Path, parameters: dict, display_name: str) -> str:
+    missing = [flag for flag, value in (("--project", args.project), ("--region", args.region),
+                                        ("--pipeline-root", args.pipeline_root),
+                                        ("--service-account", args.service_account)) if not value]
+    if missing:
+        raise StageError(f"Vertex submission needs {', '.join(missing)}.")
+    if not args.pipeline_root.startswith("gs://"):
+        raise StageError(f"--pipeline-root must be a gs:// URI, not {args.pipeline_root!r}.")
+    labels = parse_pairs(args.label, "--label", as_json=False)
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import aiplatform
+
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    except DefaultCredentialsError as error:
+        raise StageError("No Google Cloud credentials: run `gcloud auth application-default login` or set "
+                         f"GOOGLE_APPLICATION_CREDENTIALS to a service-account key file ({error}).") from error
+    job = aiplatform.PipelineJob(
+        display_name=display_name, template_path=str(template), pipeline_root=args.pipeline_root,
+        parameter_values=parameters, labels=labels, project=args.project, location=args.region,
+        credentials=credentials,
+    )
+    job.submit(service_account=args.service_account)
+    return job.resource_name
+
+
+def submit_kfp(args: argparse.Namespace, template: Path, parameters: dict, display_name: str) -> str:
+    if not args.host:
+        raise StageError("Kubeflow submission needs --host (the KFP API URL, e.g. "
+                         "https://kubeflow.example.com/pipeline) or KFP_HOST.")
+    import kfp
+
+    # Bearer token from the environment if the endpoint needs one (never a command-line flag: shells log those).
+    client = kfp.Client(host=args.host, namespace=args.namespace or None,
+                        existing_token=os.environ.get("KFP_TOKEN") or None)
+    run = client.create_run_from_pipeline_package(
+        str(template), arguments=parameters, run_name=display_name,
+        experiment_name=args.experiment or None, namespace=args.namespace or None)
+    return run.run_id
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "compile":
-            print(f"Wrote {compile_pipeline(Path(args.output))}")
+            default = DEFAULT_COMPILED if args.target == "kfp" else DEFAULT_VERTEX_COMPILED
+            print(f"Wrote {compile_pipeline(Path(args.output or default), args.target)}")
+            return 0
+        if args.command == "manifests":
+            print(f"Wrote {write_manifests(Path(args.output))}")
+            return 0
+        if args.command == "submit":
+            print(f"Submitted {submit(args)}")
             return 0
         return run_locally(args)
     except StageError as error:

@@ -53,11 +53,31 @@ CLUSTER_LLM = "openai:gpt-4o"
 CLUSTER_EMBEDDING_MODEL = "Snowflake/snowflake-arctic-embed-l"
 
 # Image references come from here alone, so the compiled YAML and `make images` never drift apart.
-IMAGE_REGISTRY = "ghcr.io/docs-to-embeddings"
+# `make images`/`make push` and `pipeline.py compile` read the same two settings; the committed YAML uses the defaults.
+IMAGE_REGISTRY = os.environ.get("D2E_IMAGE_REGISTRY", "ghcr.io/docs-to-embeddings").rstrip("/")
+IMAGE_VERSION = os.environ.get("D2E_IMAGE_VERSION", __version__)
+# Adding a stage: list it here, add images/<stage>/Dockerfile and images/<stage>/requirements.txt.
+STAGES: tuple[str, ...] = (
+    "load_docs", "generate_queries", "embed_score", "report", "export", "publish", "finetune", "evaluate",
+)
 STAGE_IMAGES: dict[str, str] = {
-    stage: f"{IMAGE_REGISTRY}/{stage.replace('_', '-')}:{__version__}"
-    for stage in ("load_docs", "generate_queries", "embed_score", "report", "export", "publish", "finetune", "evaluate")
+    stage: f"{IMAGE_REGISTRY}/{stage.replace('_', '-')}:{IMAGE_VERSION}" for stage in STAGES
 }
+# Stages whose image carries a CUDA build of torch and whose task requests a GPU.
+GPU_STAGES: frozenset[str] = frozenset({"embed_score", "finetune", "evaluate"})
+# Stages that call other services (Hub, object storage, LLM APIs): retried with backoff on transient failures.
+NETWORK_STAGES: frozenset[str] = frozenset({"load_docs", "generate_queries", "embed_score", "publish", "evaluate"})
+
+
+def stage_resources(stage: str) -> dict[str, str]:
+    """CPU/memory requests and limits of a stage's task; GPU stages get a machine that fits one GPU."""
+    if stage in GPU_STAGES:
+        # 8 vCPU / 32 GiB: on Vertex this selects g2-standard-8 (one L4); on Kubernetes it fits a typical GPU node.
+        return {"cpu_request": "4", "cpu_limit": "8", "memory_request": "16G", "memory_limit": "32G"}
+    if stage == "generate_queries":
+        # Local llama.cpp generation is CPU-bound; API generation mostly waits on the network.
+        return {"cpu_request": "2", "cpu_limit": "4", "memory_request": "4G", "memory_limit": "8G"}
+    return {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2G", "memory_limit": "4G"}
 
 
 def stage_component(stage: str):
@@ -209,3 +229,31 @@ def count_values(values: Iterable[Any]) -> dict[str, int]:
         key = str(value)
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def load_secret_into_env(resource: str, env_name: str) -> bool:
+    """Put a Secret Manager secret into this process's environment (Vertex has no Kubernetes secrets).
+
+    `resource` is a name such as `projects/P/secrets/openai-api-key/versions/latest`, never a value; the
+    value goes only into `os.environ[env_name]` of the running task, never into outputs, metadata or logs.
+    An empty resource does nothing (local runs, keyless servers, Kubeflow's secret-as-env). Returns whether
+    a value was set.
+    """
+    if not resource:
+        return False
+    if not resource.startswith("projects/") or "/secrets/" not in resource:
+        raise StageError(f"Secret resource {resource!r} is not a Secret Manager name; expected "
+                         "'projects/PROJECT/secrets/NAME/versions/VERSION'.")
+    if "/versions/" not in resource:
+        resource = f"{resource}/versions/latest"
+    try:
+        from google.cloud import secretmanager
+    except ImportError as error:
+        raise StageError("Reading a Secret Manager secret needs 'google-cloud-secret-manager' in the image.") from error
+    try:
+        response = secretmanager.SecretManagerServiceClient().access_secret_version(name=resource)
+    except Exception as error:  # the API's own errors say what is wrong (permission, missing secret)
+        raise StageError(f"Could not read secret {resource}: {type(error).__name__}: {error}. Give the pipeline's "
+                         "service account roles/secretmanager.secretAccessor on it.") from error
+    os.environ[env_name] = response.payload.data.decode("utf-8").strip()
+    return True

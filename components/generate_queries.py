@@ -584,12 +584,16 @@ def generate_queries_component(
     batch_size: int,
     max_failure_rate: float,
     triplets: Output[Dataset],
+    openai_secret_resource: str = "",
 ):
     """Generate a positive and a negative query per chunk with distilabel's GenerateSentencePair."""
     import os
 
+    from components.common import load_secret_into_env
     from components.generate_queries import GenerationSettings, generate_queries
 
+    # Vertex: the key comes from Secret Manager by name at run time (Kubeflow injects it as env instead).
+    load_secret_into_env(openai_secret_resource, "OPENAI_API_KEY")
     if llm_base_url:  # an OpenAI-compatible server (vLLM, Ollama, TGI, llama.cpp); the key stays a secret
         os.environ["OPENAI_BASE_URL"] = llm_base_url
     settings = GenerationSettings(llm=llm, context=context, cache_uri=llm_cache_uri, temperature=temperature,
