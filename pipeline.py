@@ -24,10 +24,15 @@ from components.common import (
 from components.embed_score import embed_score_component
 from components.export import export_component
 from components.generate_queries import (
+    DEFAULT_CONCURRENCY,
     DEFAULT_CONTEXT,
+    DEFAULT_EXPECTED_COMPLETION_TOKENS,
     DEFAULT_MAX_FAILURE_RATE,
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_TEMPERATURE,
+    JSON_MODES,
     LOCAL_LLM,
     generate_queries_component,
 )
@@ -58,6 +63,11 @@ def docs_to_embedding_data(
     temperature: float = DEFAULT_TEMPERATURE,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     generation_batch_size: int = 16,
+    llm_concurrency: int = 16,
+    llm_request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    llm_max_retries: int = DEFAULT_MAX_RETRIES,
+    llm_json_mode: str = "auto",
+    llm_prices: str = "",
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE,
     embedding_model: str = CLUSTER_EMBEDDING_MODEL,
     embedding_batch_size: int = 64,
@@ -73,7 +83,8 @@ def docs_to_embedding_data(
     generate = generate_queries_component(
         docs=load.outputs["docs"], llm=llm, llm_base_url=llm_base_url, context=context, llm_cache_uri=llm_cache_uri,
         temperature=temperature, max_new_tokens=max_new_tokens, batch_size=generation_batch_size,
-        max_failure_rate=max_failure_rate,
+        concurrency=llm_concurrency, request_timeout=llm_request_timeout, max_retries=llm_max_retries,
+        json_mode=llm_json_mode, llm_prices=llm_prices, max_failure_rate=max_failure_rate,
     )
     generate.set_display_name("generate_queries")
     # Optional: the local llama.cpp default and keyless OpenAI-compatible servers need no secret.
@@ -118,7 +129,8 @@ def run_locally(args: argparse.Namespace) -> int:
     embedding_model = args.embedding_model
     if _is_local(embedding_model):
         embedding_model = str(Path(embedding_model).expanduser().resolve())
-    cache = "" if args.no_llm_cache else str(Path(args.llm_cache).expanduser().resolve())
+    cache = "" if args.no_llm_cache else (args.llm_cache if "://" in args.llm_cache
+                                          else str(Path(args.llm_cache).expanduser().resolve()))
 
     # The stage subprocesses import this project's `components` package.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
@@ -136,7 +148,9 @@ def run_locally(args: argparse.Namespace) -> int:
             dataset=dataset, limit=args.limit, text_column=args.text_column, docs_base_url=args.docs_base_url,
             llm=args.llm, llm_base_url=args.llm_base_url, context=args.context, llm_cache_uri=cache,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-            generation_batch_size=args.batch_size, max_failure_rate=args.max_failure_rate,
+            generation_batch_size=args.batch_size, llm_concurrency=args.concurrency,
+            llm_request_timeout=args.request_timeout, llm_max_retries=args.max_retries, llm_json_mode=args.json_mode,
+            llm_prices=args.llm_prices, max_failure_rate=args.max_failure_rate,
             embedding_model=embedding_model, embedding_batch_size=64, output_uri=str(output_dir),
         )
     except RuntimeError as error:
@@ -154,7 +168,44 @@ def print_summary(output_dir: Path, seconds: float) -> None:
         print(f"  {output_dir / f'{split}.parquet'}  ({metrics[f'{split}_rows']} rows)")
     print(f"  {output_dir / 'report.md'}  (also report.html, similarity_histograms.png, metrics.json)")
     print(f"Generation: {metrics['generation_generated']} generated, {metrics['generation_cached']} from cache, "
-          f"{metrics['generation_failed']} failed; {metrics['generation_llm_requests']} LLM requests.")
+          f"{metrics['generation_failed']} failed; {metrics['generation_llm_requests']} LLM requests "
+          f"({metrics.get('generation_llm_retries', 0)} retries); {metrics['generation_prompt_tokens']} prompt + "
+          f"{metrics['generation_completion_tokens']} completion tokens; estimated cost "
+          + (f"${metrics['generation_estimated_cost_usd']:.4f}." if "generation_estimated_cost_usd" in metrics
+             else "unknown (no price for this model: --llm-prices)."))
+
+
+def estimate(args: argparse.Namespace) -> int:
+    """Print the expected tokens and cost of generation over a dataset, without calling the LLM."""
+    import json
+    import tempfile
+
+    from components.generate_queries import GenerationSettings, estimate_generation, parse_prices
+    from components.load_docs import load_docs
+
+    dataset = args.dataset or str(PROJECT_ROOT)
+    if args.llm_base_url:
+        os.environ["OPENAI_BASE_URL"] = args.llm_base_url
+    cache = "" if args.no_llm_cache else (args.llm_cache if "://" in args.llm_cache
+                                          else str(Path(args.llm_cache).expanduser().resolve()))
+    settings = GenerationSettings(llm=args.llm, context=args.context, cache_uri=cache, temperature=args.temperature,
+                                  max_new_tokens=args.max_new_tokens, json_mode=args.json_mode,
+                                  prices=parse_prices(args.llm_prices))
+    with tempfile.TemporaryDirectory(prefix="estimate-") as chunks:
+        load_docs(dataset, chunks, limit=args.limit, text_column=args.text_column, docs_base_url=args.docs_base_url)
+        result = estimate_generation(chunks, settings, args.expected_completion_tokens)
+    cost = result["estimated_cost_usd"]
+    print(f"Estimate for {result['llm']} over {result['rows']} chunks ({result['cached_rows']} already cached):\n"
+          f"  prompt tokens:     ~{result['estimated_prompt_tokens']:,} ({result['token_count_method']})\n"
+          f"  completion tokens: ~{result['estimated_completion_tokens']:,} ({args.expected_completion_tokens} per row)\n"
+          "  estimated cost:    " + (f"${cost:.4f}" if cost is not None else "unknown: no price for this model, "
+                                     "pass --llm-prices '{\"MODEL\": [prompt, completion]}' (US$ per 1M tokens)")
+          + (f" (Batch API: ${result['estimated_batch_api_cost_usd']:.4f})"
+             if result["estimated_batch_api_cost_usd"] is not None else "")
+          + "\n  One attempt per row; retries and regenerations add to this.")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,23 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the pipeline locally with kfp.local")
-    run.add_argument("--dataset", default="", help="Hub dataset id, parquet folder/file (local or gs://), saved "
-                     "DatasetDict folder, or Markdown folder. Default: this project's README and docs/.")
-    run.add_argument("--limit", type=int, default=0, help="at most N chunks per split (0: all)")
+    est = commands.add_parser("estimate", help="print the expected generation tokens and cost; calls no LLM")
+    for sub in (run, est):
+        add_generation_arguments(sub)
+    est.add_argument("--expected-completion-tokens", type=int, default=DEFAULT_EXPECTED_COMPLETION_TOKENS,
+                     help="completion tokens expected per row (two short questions in JSON)")
+    est.add_argument("--json", action="store_true", help="also print the estimate as JSON")
     run.add_argument("--output-dir", default="outputs", help="where train/test parquet and the report go")
-    run.add_argument("--llm", default=LOCAL_LLM, help="'local' (embedded SmolLM2 via llama.cpp), "
-                     "'llamacpp:/path/model.gguf', or 'openai:MODEL' (OPENAI_API_KEY / OPENAI_BASE_URL from the env)")
-    run.add_argument("--llm-base-url", default="", help="OpenAI-compatible base URL (else OPENAI_BASE_URL)")
     run.add_argument("--embedding-model", default=EMBEDDED_EMBEDDING_MODEL, help="local path, Hub id, or the "
                      f"embedded default {EMBEDDED_EMBEDDING_MODEL}")
-    run.add_argument("--context", default=DEFAULT_CONTEXT, help="what the documents are, for the query prompt")
-    run.add_argument("--text-column", default=DEFAULT_TEXT_COLUMN, help="column holding the chunk text")
-    run.add_argument("--docs-base-url", default="", help="URL prefix for pages built from Markdown")
-    run.add_argument("--llm-cache", default=str(DEFAULT_LLM_CACHE), help="folder of cached LLM results")
-    run.add_argument("--no-llm-cache", action="store_true", help="do not read or write the LLM cache")
-    run.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    run.add_argument("--batch-size", type=int, default=8, help="rows per LLM batch (concurrent requests for APIs)")
+    run.add_argument("--batch-size", type=int, default=8, help="rows per distilabel batch")
+    run.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                     help="requests in flight at once for an API endpoint (the in-process model is serial)")
+    run.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, help="seconds per request")
+    run.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
+                     help="retries per request after 429/5xx/timeouts/dropped connections")
     run.add_argument("--max-failure-rate", type=float, default=DEFAULT_MAX_FAILURE_RATE,
                      help="fail the run when more than this fraction of rows fail generation")
 
@@ -187,12 +236,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_generation_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--dataset", default="", help="Hub dataset id, parquet folder/file (local or gs://), saved "
+                     "DatasetDict folder, or Markdown folder. Default: this project's README and docs/.")
+    run.add_argument("--limit", type=int, default=0, help="at most N chunks per split (0: all)")
+    run.add_argument("--llm", default=LOCAL_LLM, help="'local' (embedded SmolLM2 via llama.cpp), "
+                     "'llamacpp:/path/model.gguf', or 'openai:MODEL' (OPENAI_API_KEY / OPENAI_BASE_URL from the env)")
+    run.add_argument("--llm-base-url", default="", help="OpenAI-compatible base URL (else OPENAI_BASE_URL)")
+    run.add_argument("--context", default=DEFAULT_CONTEXT, help="what the documents are, for the query prompt")
+    run.add_argument("--text-column", default=DEFAULT_TEXT_COLUMN, help="column holding the chunk text")
+    run.add_argument("--docs-base-url", default="", help="URL prefix for pages built from Markdown")
+    run.add_argument("--llm-cache", default=str(DEFAULT_LLM_CACHE),
+                     help="folder or gs://bucket/prefix of cached LLM results")
+    run.add_argument("--no-llm-cache", action="store_true", help="do not read or write the LLM cache")
+    run.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    run.add_argument("--json-mode", default="auto", choices=JSON_MODES,
+                     help="output constraint for OpenAI-compatible endpoints (see docs/configuration.md)")
+    run.add_argument("--llm-prices", default="", help='price overrides, JSON: \'{"MODEL": [prompt, completion]}\' '
+                     "in US$ per 1M tokens")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "compile":
             print(f"Wrote {compile_pipeline(Path(args.output))}")
             return 0
+        if args.command == "estimate":
+            return estimate(args)
         return run_locally(args)
     except StageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -334,7 +334,7 @@ def price_for(spec: LLMSpec, overrides: Optional[dict[str, Any]] = None) -> Opti
 def estimated_cost(prompt_tokens: int, completion_tokens: int, price: Optional[tuple[float, float]]) -> Optional[float]:
     if price is None:
         return None
-    return round((prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000, 6)
+    return round((prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000, 8)
 
 
 def parse_prices(text: str) -> dict[str, Any]:
@@ -813,18 +813,18 @@ def estimate_generation(
     settings = settings or GenerationSettings()
     spec = parse_llm_spec(settings.llm)
     frames = read_splits(input_dir)
-    task = make_task(spec, settings, input_batch_size=1) if spec.provider == "llamacpp" else None
-    if task is None:
-        # The estimate needs the prompts, never the key: a placeholder key is fine, no request is sent.
-        saved = os.environ.get("OPENAI_API_KEY")
-        os.environ.setdefault("OPENAI_API_KEY", "estimate-only-no-requests")
-        try:
+    from distilabel.pipeline import Pipeline
+
+    # The estimate needs the prompts, never the key: a placeholder is fine, since no request is sent.
+    saved_key = os.environ.get("OPENAI_API_KEY")
+    if spec.provider == "openai" and not saved_key:
+        os.environ["OPENAI_API_KEY"] = "estimate-only-no-requests"
+    try:
+        with Pipeline(name="generate-queries-estimate", cache_dir=tempfile.mkdtemp(prefix="distilabel-")):
             task = make_task(spec, settings, input_batch_size=1)
-        finally:
-            if saved is None:
-                os.environ.pop("OPENAI_API_KEY", None)
-    if spec.provider == "llamacpp":
-        task.llm.load = lambda: None  # the prompts need the templates, not the model weights
+    finally:
+        if saved_key is None:
+            os.environ.pop("OPENAI_API_KEY", None)
     task.load()
     rows = cached = prompt_tokens = 0
     for frame in frames.values():
@@ -851,7 +851,7 @@ def estimate_generation(
         "price_per_million_tokens": {"prompt": price[0], "completion": price[1]} if price else None,
         "estimated_cost_usd": cost,
         # OpenAI's Batch API bills half the synchronous price.
-        "estimated_batch_api_cost_usd": round(cost / 2, 6) if cost is not None and spec.provider == "openai" else None,
+        "estimated_batch_api_cost_usd": round(cost / 2, 8) if cost is not None and spec.provider == "openai" else None,
     }
 
 
