@@ -24,6 +24,7 @@ from components.common import (
 from components.embed_score import embed_score_component
 from components.export import export_component
 from components.generate_queries import (
+    DEFAULT_BATCH_MAX_WAIT,
     DEFAULT_CONCURRENCY,
     DEFAULT_CONTEXT,
     DEFAULT_EXPECTED_COMPLETION_TOKENS,
@@ -68,6 +69,8 @@ def docs_to_embedding_data(
     llm_max_retries: int = DEFAULT_MAX_RETRIES,
     llm_json_mode: str = "auto",
     llm_prices: str = "",
+    llm_use_batch_api: bool = False,
+    llm_batch_max_wait: float = DEFAULT_BATCH_MAX_WAIT,
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE,
     embedding_model: str = CLUSTER_EMBEDDING_MODEL,
     embedding_batch_size: int = 64,
@@ -84,7 +87,8 @@ def docs_to_embedding_data(
         docs=load.outputs["docs"], llm=llm, llm_base_url=llm_base_url, context=context, llm_cache_uri=llm_cache_uri,
         temperature=temperature, max_new_tokens=max_new_tokens, batch_size=generation_batch_size,
         concurrency=llm_concurrency, request_timeout=llm_request_timeout, max_retries=llm_max_retries,
-        json_mode=llm_json_mode, llm_prices=llm_prices, max_failure_rate=max_failure_rate,
+        json_mode=llm_json_mode, llm_prices=llm_prices, use_batch_api=llm_use_batch_api,
+        batch_max_wait=llm_batch_max_wait, max_failure_rate=max_failure_rate,
     )
     generate.set_display_name("generate_queries")
     # Optional: the local llama.cpp default and keyless OpenAI-compatible servers need no secret.
@@ -150,7 +154,8 @@ def run_locally(args: argparse.Namespace) -> int:
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             generation_batch_size=args.batch_size, llm_concurrency=args.concurrency,
             llm_request_timeout=args.request_timeout, llm_max_retries=args.max_retries, llm_json_mode=args.json_mode,
-            llm_prices=args.llm_prices, max_failure_rate=args.max_failure_rate,
+            llm_prices=args.llm_prices, llm_use_batch_api=args.batch_api, llm_batch_max_wait=args.batch_max_wait,
+            max_failure_rate=args.max_failure_rate,
             embedding_model=embedding_model, embedding_batch_size=64, output_uri=str(output_dir),
         )
     except RuntimeError as error:
@@ -228,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, help="seconds per request")
     run.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
                      help="retries per request after 429/5xx/timeouts/dropped connections")
+    run.add_argument("--batch-api", action="store_true", help="OpenAI Batch API: half price, results within "
+                     "24 h; job ids are kept in the LLM cache, so a re-run resumes them")
+    run.add_argument("--batch-max-wait", type=float, default=DEFAULT_BATCH_MAX_WAIT,
+                     help="seconds to wait for a Batch API job before stopping (a re-run resumes it)")
     run.add_argument("--max-failure-rate", type=float, default=DEFAULT_MAX_FAILURE_RATE,
                      help="fail the run when more than this fraction of rows fail generation")
 

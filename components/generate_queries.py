@@ -56,6 +56,9 @@ RETRY_MAX_DELAY = 60.0
 # What a reply costs in tokens, for the estimate mode: two short questions in a JSON object.
 DEFAULT_EXPECTED_COMPLETION_TOKENS = 60
 OPENAI_API_HOST = "api.openai.com"
+DEFAULT_BATCH_POLL_INTERVAL = 60.0
+DEFAULT_BATCH_MAX_WAIT = 24 * 3600.0  # OpenAI's completion window
+BATCH_DISCOUNT = 0.5  # the Batch API bills half the synchronous price
 JSON_MODES = ("auto", "json_schema", "json_object_schema", "json_object", "off")
 
 # US$ per 1M tokens (prompt, completion), OpenAI list prices for standard (synchronous) requests. Prices change:
@@ -458,6 +461,9 @@ def _make_task_class():
         retry_base_delay: float = RETRY_BASE_DELAY
         retry_max_delay: float = RETRY_MAX_DELAY
         output_format: Optional[dict[str, Any]] = None
+        use_batch_api: bool = False
+        batch_poll_interval: float = DEFAULT_BATCH_POLL_INTERVAL
+        batch_max_wait: float = DEFAULT_BATCH_MAX_WAIT
         total_rows: int = 0
         _cache: Any = PrivateAttr(default=None)
         _done: int = PrivateAttr(default=0)
@@ -488,11 +494,32 @@ def _make_task_class():
             pair, _ = parse_generation(output)
             return pair or {POSITIVE: None, NEGATIVE: None}
 
-        async def _finish(self, row: dict[str, Any], key: str, pair: dict[str, str]) -> None:
+        def _finish_now(self, row: dict[str, Any], key: str, pair: dict[str, str]) -> None:
             # Cached the moment it is valid: a process killed later in the batch loses nothing finished.
-            entry = {**pair, "model": self.llm_label, "created": time.time()}
-            await asyncio.to_thread(self._cache.put, key, entry)
+            self._cache.put(key, {**pair, "model": self.llm_label, "created": time.time()})
             row.update({**pair, "generation_status": "generated", "generation_error": None})
+
+        async def _finish(self, row: dict[str, Any], key: str, pair: dict[str, str]) -> None:
+            await asyncio.to_thread(self._finish_now, row, key, pair)
+
+        def _judge(self, row: dict[str, Any], attempt: int, result: tuple) -> tuple[str, Optional[dict[str, str]]]:
+            """Record one attempt on the row: ("done", pair), ("flagged", pair) to try again, or ("retry", None)."""
+            text, prompt_tokens, completion_tokens, error, retries = result
+            row["generation_attempts"] = attempt
+            row["generation_requests"] += 1 + retries
+            row["llm_retries"] += retries
+            row["prompt_tokens"] += prompt_tokens
+            row["completion_tokens"] += completion_tokens
+            pair, reason = (None, error) if error else parse_generation(text)
+            reason = reason or validate_pair(pair, row[ANCHOR])
+            if reason:
+                row["generation_error"] = reason
+                return "retry", None
+            pair = {POSITIVE: pair[POSITIVE].strip(), NEGATIVE: pair[NEGATIVE].strip()}
+            if self.review_flag({**row, **pair}) and attempt < self.max_attempts:
+                # Usable but probably not a real question: try again, keep this one in case nothing better comes.
+                return "flagged", pair
+            return "done", pair
 
         def review_flag(self, row: dict[str, Any]) -> Optional[str]:
             """A hint for human review (Argilla metadata): valid, but probably not a real user question."""
@@ -543,26 +570,109 @@ def _make_task_class():
             fallback = None  # a valid pair that only carries a review flag
             for attempt in range(1, self.max_attempts + 1):
                 async with slots:
-                    text, prompt_tokens, completion_tokens, error, retries = await self._request(messages)
-                row["generation_attempts"] = attempt
-                row["generation_requests"] += 1 + retries
-                row["llm_retries"] += retries
-                row["prompt_tokens"] += prompt_tokens
-                row["completion_tokens"] += completion_tokens
-                pair, reason = (None, error) if error else parse_generation(text)
-                reason = reason or validate_pair(pair, row[ANCHOR])
-                if reason:
-                    row["generation_error"] = reason
-                    continue
-                pair = {POSITIVE: pair[POSITIVE].strip(), NEGATIVE: pair[NEGATIVE].strip()}
-                if self.review_flag({**row, **pair}) and attempt < self.max_attempts:
-                    # Usable but probably not a real question: try again, keep this one in case nothing better comes.
-                    fallback = fallback or pair
-                    continue
-                await self._finish(row, key, pair)
-                return
+                    result = await self._request(messages)
+                verdict, pair = self._judge(row, attempt, result)
+                if verdict == "done":
+                    await self._finish(row, key, pair)
+                    return
+                fallback = fallback or pair
             if fallback is not None:
                 await self._finish(row, key, fallback)
+
+        # -- OpenAI Batch API: half the price, results within 24 h -----------------------------------------
+
+        def _batch_client(self):
+            # The few job-management calls use the SDK's own retries (which honour Retry-After).
+            return self.llm._client.with_options(max_retries=self.max_retries)  # noqa: SLF001
+
+        def _batch_round(self, pending: list[tuple[dict[str, Any], str, list[dict[str, str]]]]) -> list[tuple]:
+            """One Batch API job for the pending rows; its id is stored in the cache store before any wait.
+
+            A re-run (a retried task, a rescheduled pod) builds the same request file, finds the stored job id and
+            resumes waiting for that job instead of paying for a second one.
+            """
+            client = self._batch_client()
+            lines = []
+            for index, (_, key, messages) in enumerate(pending):
+                body = {"model": self.llm.model, "messages": messages, "max_tokens": self.max_new_tokens,
+                        "temperature": self.temperature}
+                if self.output_format is not None:
+                    body["response_format"] = self.output_format
+                lines.append({"custom_id": f"{index}-{key[:16]}", "method": "POST", "url": "/v1/chat/completions",
+                              "body": body})
+            jsonl = "\n".join(json.dumps(line, sort_keys=True) for line in lines).encode()
+            record_name = f"batches/{hashlib.sha256(jsonl).hexdigest()}.json"
+            store = self._cache.store
+            record = json.loads(store.get(record_name) or b"null")
+            batch = None
+            if record:
+                batch = client.batches.retrieve(record["batch_id"])
+                if batch.status in ("failed", "expired", "cancelled", "cancelling"):
+                    self._logger.info("stored OpenAI batch job %s ended as %s: submitting again", batch.id, batch.status)
+                    batch = None
+                else:
+                    self._logger.info("resuming OpenAI batch job %s (%s) for %d rows", batch.id, batch.status,
+                                      len(lines))
+            if batch is None:
+                upload = client.files.create(file=("generate-queries.jsonl", jsonl), purpose="batch")
+                batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                              completion_window="24h",
+                                              metadata={"description": "docs-to-embeddings generate_queries"})
+                store.put(record_name, json.dumps({"batch_id": batch.id, "input_file_id": upload.id,
+                                                   "rows": len(lines), "submitted": time.time()}).encode())
+                self._logger.info("submitted OpenAI batch job %s for %d rows (job id stored at %s/%s)", batch.id,
+                                  len(lines), self.cache_uri, record_name)
+            started = time.monotonic()
+            while batch.status not in ("completed", "failed", "expired", "cancelled"):
+                if time.monotonic() - started > self.batch_max_wait:
+                    reason = (f"OpenAI batch job {batch.id} still {batch.status} after {self.batch_max_wait:.0f} s; "
+                              f"its id is stored at {self.cache_uri}/{record_name}: re-run to collect it")
+                    return [(None, 0, 0, reason, 0)] * len(pending)
+                time.sleep(self.batch_poll_interval)
+                batch = client.batches.retrieve(batch.id)
+            results: dict[str, tuple] = {}
+            for file_id in (batch.output_file_id, batch.error_file_id):
+                if not file_id:
+                    continue
+                for line in client.files.content(file_id).text.splitlines():
+                    if line.strip():
+                        item = json.loads(line)
+                        results[item["custom_id"]] = self._batch_result(item)
+            missing = f"no result in OpenAI batch job {batch.id} (status {batch.status})"
+            return [results.get(line["custom_id"], (None, 0, 0, missing, 0)) for line in lines]
+
+        @staticmethod
+        def _batch_result(item: dict[str, Any]) -> tuple:
+            response = item.get("response") or {}
+            body = response.get("body") or {}
+            if response.get("status_code") != 200 or not body.get("choices"):
+                error = item.get("error") or body.get("error") or {}
+                message = error.get("code") or error.get("message") if isinstance(error, dict) else error
+                return None, 0, 0, f"batch request failed (HTTP {response.get('status_code')}): {message}"[:300], 0
+            usage = body.get("usage") or {}
+            return (body["choices"][0]["message"].get("content"), int(usage.get("prompt_tokens") or 0),
+                    int(usage.get("completion_tokens") or 0), None, 0)
+
+        def _generate_rows_batch_api(self, pending: list[tuple[dict[str, Any], str, list[dict[str, str]]]]) -> None:
+            fallback: dict[int, dict[str, str]] = {}
+            for attempt in range(1, self.max_attempts + 1):
+                if not pending:
+                    break
+                retry = []
+                for (row, key, messages), result in zip(pending, self._batch_round(pending)):
+                    verdict, pair = self._judge(row, attempt, result)
+                    if verdict == "done":
+                        self._finish_now(row, key, pair)
+                        continue
+                    if pair is not None:
+                        fallback.setdefault(id(row), pair)
+                    if result[3] and result[3].startswith("OpenAI batch job"):
+                        continue  # still running: waiting again belongs to the next run, not to this one
+                    retry.append((row, key, messages))
+                pending = retry
+            for row, key, _ in pending:
+                if id(row) in fallback:
+                    self._finish_now(row, key, fallback[id(row)])
 
         async def _generate_rows(self, pending: list[tuple[dict[str, Any], str, list[dict[str, str]]]]) -> None:
             slots = asyncio.Semaphore(max(1, self.concurrency))
@@ -593,7 +703,9 @@ def _make_task_class():
                     row.update({POSITIVE: cached[POSITIVE], NEGATIVE: cached[NEGATIVE], "generation_status": "cached"})
                 else:
                     pending.append((row, key, messages))
-            if pending:
+            if pending and self.use_batch_api:
+                self._generate_rows_batch_api(pending)
+            elif pending:
                 self._event_loop().run_until_complete(self._generate_rows(pending))
             for row in rows:
                 if row["generation_status"] != "failed":
@@ -637,6 +749,9 @@ class GenerationSettings:
     retry_max_delay: float = RETRY_MAX_DELAY
     json_mode: str = "auto"  # see response_format_for
     prices: dict[str, Any] = field(default_factory=dict)  # overrides of PRICES_PER_MILLION_TOKENS
+    use_batch_api: bool = False  # OpenAI's Batch API: half price, results within 24 h; needs a cache_uri
+    batch_poll_interval: float = DEFAULT_BATCH_POLL_INTERVAL
+    batch_max_wait: float = DEFAULT_BATCH_MAX_WAIT
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -684,6 +799,9 @@ def make_task(spec: LLMSpec, settings: GenerationSettings, total_rows: int = 0, 
         retry_base_delay=settings.retry_base_delay,
         retry_max_delay=settings.retry_max_delay,
         output_format=response_format_for(spec, settings.json_mode) if spec.provider == "openai" else None,
+        use_batch_api=settings.use_batch_api,
+        batch_poll_interval=settings.batch_poll_interval,
+        batch_max_wait=settings.batch_max_wait,
         total_rows=total_rows,
     )
 
@@ -697,7 +815,8 @@ def _remove_closed_queue_handlers() -> None:
             root.removeHandler(handler)
 
 
-def summarise(frames: dict[str, Any], spec: LLMSpec, prices: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def summarise(frames: dict[str, Any], spec: LLMSpec, prices: Optional[dict[str, Any]] = None,
+              batch_api: bool = False) -> dict[str, Any]:
     stats: dict[str, Any] = {"llm": spec.label, "provider": spec.provider, "splits": {}}
     totals = {"rows": 0, "generated": 0, "cached": 0, "failed": 0, "llm_requests": 0, "llm_retries": 0,
               "prompt_tokens": 0, "completion_tokens": 0}
@@ -721,6 +840,8 @@ def summarise(frames: dict[str, Any], spec: LLMSpec, prices: Optional[dict[str, 
     totals["failure_rate"] = totals["failed"] / totals["rows"] if totals["rows"] else 0.0
     stats.update(totals)
     price = price_for(spec, prices)
+    if price is not None and batch_api:
+        price = (price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT)
     # What this run spent: cached rows cost nothing now. None when the model's price is unknown.
     stats["price_per_million_tokens"] = {"prompt": price[0], "completion": price[1]} if price else None
     stats["estimated_cost_usd"] = estimated_cost(stats["prompt_tokens"], stats["completion_tokens"], price)
@@ -743,6 +864,9 @@ def generate_queries(
     build_llm(spec)  # fail fast on a missing key, before any work starts
     response_format_for(spec, settings.json_mode)  # and on a bad setting
     price_table(settings.prices)
+    if settings.use_batch_api and (spec.provider != "openai" or not settings.cache_uri):
+        raise StageError("The Batch API needs --llm openai:MODEL and an LLM cache (--llm-cache / llm_cache_uri), "
+                         "where the submitted job ids are kept so a re-run resumes them.")
     frames = read_splits(input_dir)
     records = []
     for split, frame in frames.items():
@@ -757,7 +881,9 @@ def generate_queries(
         rows = []
         for position, row in enumerate(frame.to_dict("records")):
             generated = by_key.get((split, position))
-            if generated is None:  # a batch distilabel could not process: keep the row, mark it failed
+            if generated is None or generated.get("generation_status") is None:
+                # A batch distilabel could not process (the step raised; distilabel fills its outputs with None):
+                # keep the row, mark it failed.
                 generated = {**row, POSITIVE: None, NEGATIVE: None, MODEL_NAME: spec.label, "generation_status": "failed",
                              "review_flag": None,
                              "generation_error": "no output from the generation step", "generation_attempts": 0,
@@ -765,12 +891,13 @@ def generate_queries(
             rows.append({**row, **{key: generated.get(key) for key in (POSITIVE, NEGATIVE, MODEL_NAME, *STATUS_COLUMNS)}})
         columns = [*frame.columns, POSITIVE, NEGATIVE, MODEL_NAME, *STATUS_COLUMNS]
         out_frames[split] = pd.DataFrame(rows, columns=columns)
-    stats = summarise(out_frames, spec, settings.prices)
+    stats = summarise(out_frames, spec, settings.prices, settings.use_batch_api)
     stats["settings"] = {"llm": settings.llm, "context": settings.context, "temperature": settings.temperature,
                          "max_new_tokens": settings.max_new_tokens, "max_attempts": settings.max_attempts,
                          "batch_size": settings.batch_size, "concurrency": settings.concurrency,
                          "request_timeout": settings.request_timeout, "max_retries": settings.max_retries,
-                         "json_mode": settings.json_mode, "cache": bool(settings.cache_uri)}
+                         "json_mode": settings.json_mode, "batch_api": settings.use_batch_api,
+                         "cache": bool(settings.cache_uri)}
     write_splits(out_frames, output_dir)
     write_json(Path(output_dir) / "stats.json", stats)
     cost = stats["estimated_cost_usd"]
@@ -820,8 +947,9 @@ def estimate_generation(
     if spec.provider == "openai" and not saved_key:
         os.environ["OPENAI_API_KEY"] = "estimate-only-no-requests"
     try:
-        with Pipeline(name="generate-queries-estimate", cache_dir=tempfile.mkdtemp(prefix="distilabel-")):
-            task = make_task(spec, settings, input_batch_size=1)
+        with tempfile.TemporaryDirectory(prefix="distilabel-") as work_dir:
+            with Pipeline(name="generate-queries-estimate", cache_dir=work_dir):
+                task = make_task(spec, settings, input_batch_size=1)
     finally:
         if saved_key is None:
             os.environ.pop("OPENAI_API_KEY", None)
@@ -870,6 +998,8 @@ def generate_queries_component(
     max_retries: int,
     json_mode: str,
     llm_prices: str,
+    use_batch_api: bool,
+    batch_max_wait: float,
     max_failure_rate: float,
     triplets: Output[Dataset],
 ):
@@ -883,7 +1013,8 @@ def generate_queries_component(
     settings = GenerationSettings(llm=llm, context=context, cache_uri=llm_cache_uri, temperature=temperature,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size, concurrency=concurrency,
                                   request_timeout=request_timeout, max_retries=max_retries, json_mode=json_mode,
-                                  prices=parse_prices(llm_prices), max_failure_rate=max_failure_rate)
+                                  prices=parse_prices(llm_prices), use_batch_api=use_batch_api,
+                                  batch_max_wait=batch_max_wait, max_failure_rate=max_failure_rate)
     stats = generate_queries(docs.path, triplets.path, settings)
     triplets.metadata.update({"rows": stats["rows"], "failed": stats["failed"], "llm": stats["llm"],
                               "llm_retries": stats["llm_retries"], "prompt_tokens": stats["prompt_tokens"],

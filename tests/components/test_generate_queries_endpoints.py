@@ -301,6 +301,49 @@ def test_killed_run_resumes_without_generating_a_finished_row_twice(tmp_path, ch
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenAI Batch API (its outermost calls answered by the local server: OpenAI is unreachable from here)
+
+
+def test_batch_api_job_is_resumed_by_a_rerun_not_submitted_twice(tmp_path, chunks_6, openai_server):
+    server = openai_server(script=always("ok"))
+    server.batches_finish = False  # the job outlives the first run
+    settings = fast_settings(tmp_path, llm="openai:gpt-4o", use_batch_api=True, batch_poll_interval=0.1,
+                             batch_max_wait=0.5, prices={})
+    with pytest.raises(StageError, match="still in_progress") as error:
+        generate_queries(chunks_6, tmp_path / "first", settings)
+    assert "re-run to collect it" in str(error.value)
+    assert server.batch_calls["batches.create"] == 1 and server.batch_calls["files.create"] == 1
+    assert len(list((tmp_path / "cache" / "batches").glob("*.json"))) == 1  # the job id, kept with the cache
+    lines = server.files["file0"].decode().splitlines()
+    assert len(lines) == 6 and json.loads(lines[0])["body"]["model"] == "gpt-4o"
+
+    server.batches_finish = True
+    stats = generate_queries(chunks_6, tmp_path / "second", settings)
+    assert server.batch_calls["batches.create"] == 1 and server.batch_calls["files.create"] == 1  # resumed
+    assert stats["generated"] == 6 and not server.answered.keys() - {anchor_id(a) for a in
+                                                                      read_rows(chunks_6)["anchor"]}
+    # Half the synchronous price.
+    assert stats["estimated_cost_usd"] == pytest.approx(
+        (stats["prompt_tokens"] * 2.5 + stats["completion_tokens"] * 10.0) / 2 / 1e6)
+    third = generate_queries(chunks_6, tmp_path / "third", settings)
+    assert third["cached"] == 6 and server.batch_calls["batches.create"] == 1
+
+
+def test_batch_api_regenerates_invalid_rows_in_a_second_job(tmp_path, chunks_6, openai_server):
+    server = openai_server(script=lambda number, body: "missing_negative" if number < 2 else "ok")
+    settings = fast_settings(tmp_path, llm="openai:gpt-4o", use_batch_api=True, batch_poll_interval=0.1)
+    stats = generate_queries(chunks_6, tmp_path / "out", settings)
+    assert stats["generated"] == 6 and server.batch_calls["batches.create"] == 2
+    assert len(server.files["file2"].decode().splitlines()) == 2  # only the two invalid rows again
+
+
+def test_batch_api_needs_a_cache_for_its_job_ids(tmp_path, chunks_6, openai_server):
+    openai_server()
+    with pytest.raises(StageError, match="needs --llm openai:MODEL and an LLM cache"):
+        generate_queries(chunks_6, tmp_path / "out", fast_settings(tmp_path, use_batch_api=True, cache_uri=""))
+
+
+# ---------------------------------------------------------------------------------------------
 # Secrets
 
 

@@ -3,6 +3,7 @@
 Every server listens on 127.0.0.1 on a free port and is stopped by the fixture that started it.
 """
 
+import email
 import hashlib
 import json
 import os
@@ -86,6 +87,11 @@ class FaultyOpenAIServer:
         self.log: list[dict] = []
         self.answered: Counter = Counter()
         self.authorizations: set[str] = set()
+        # The Batch API's outermost calls (files, batches), answered here because OpenAI is unreachable.
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.batch_calls: Counter = Counter()
+        self.batches_finish = True  # False: every job stays in_progress (a job that outlives the pod)
         self._lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
 
@@ -114,8 +120,38 @@ class FaultyOpenAIServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def do_GET(self):
+                with owner._lock:
+                    owner.authorizations.add(self.headers.get("Authorization", ""))
+                match = re.fullmatch(r"/v1/batches/(\w+)", self.path)
+                if match:
+                    owner.batch_calls["batches.retrieve"] += 1
+                    return self._send(200, json.dumps(owner._batch_status(match.group(1))).encode())
+                match = re.fullmatch(r"/v1/files/(\w+)/content", self.path)
+                if match:
+                    owner.batch_calls["files.content"] += 1
+                    return self._send(200, owner.files[match.group(1)])
+                return self._send(404, b'{"error": {"message": "not found"}}')
+
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/v1/files":
+                    owner.batch_calls["files.create"] += 1
+                    form = email.message_from_bytes(
+                        b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
+                    content = next(part.get_payload(decode=True) for part in form.walk() if part.get_filename())
+                    file_id = f"file{len(owner.files)}"
+                    owner.files[file_id] = content
+                    return self._send(200, json.dumps({"id": file_id, "object": "file", "bytes": len(content),
+                                                       "created_at": int(time.time()), "filename": "input.jsonl",
+                                                       "purpose": "batch", "status": "processed"}).encode())
+                if self.path == "/v1/batches":
+                    owner.batch_calls["batches.create"] += 1
+                    request = json.loads(raw)
+                    batch_id = f"batch{len(owner.batches)}"
+                    owner.batches[batch_id] = {"input_file_id": request["input_file_id"], "output_file_id": None}
+                    return self._send(200, json.dumps(owner._batch_status(batch_id)).encode())
+                body = json.loads(raw or b"{}")
                 anchor = anchor_of(body)
                 with owner._lock:
                     number = len(owner.log)
@@ -165,6 +201,45 @@ class FaultyOpenAIServer:
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
+
+    def _batch_status(self, batch_id: str) -> dict:
+        """A Batch object; when jobs may finish, the job runs at the first look and answers every line."""
+        job = self.batches[batch_id]
+        if self.batches_finish and job["output_file_id"] is None:
+            lines = []
+            for line in self.files[job["input_file_id"]].decode().splitlines():
+                request = json.loads(line)
+                number = len(self.log)
+                fault = self.script(number, request["body"])
+                anchor = anchor_of(request["body"])
+                self.log.append({"number": number, "fault": fault, "anchor": anchor_id(anchor),
+                                 "response_format": request["body"].get("response_format"), "batch": batch_id})
+                reply = good_reply(anchor)
+                if fault == "missing_negative":
+                    reply = {"positive": reply["positive"]}
+                if fault in ("ok", "missing_negative"):
+                    self.answered[anchor_id(anchor)] += fault == "ok"
+                    content = json.dumps(reply)
+                    response = {"status_code": 200, "body": {
+                        "id": f"chatcmpl-{number}", "object": "chat.completion", "created": int(time.time()),
+                        "model": request["body"]["model"],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                     "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": len(content) // 4,
+                                  "total_tokens": 100 + len(content) // 4}}}
+                else:
+                    response = {"status_code": 500, "body": {"error": {"message": "server error", "code": "server"}}}
+                lines.append(json.dumps({"id": f"req-{number}", "custom_id": request["custom_id"],
+                                         "response": response, "error": None}))
+            output_id = f"file{len(self.files)}"
+            self.files[output_id] = "\n".join(lines).encode()
+            job["output_file_id"] = output_id
+        done = job["output_file_id"] is not None
+        return {"id": batch_id, "object": "batch", "endpoint": "/v1/chat/completions", "errors": None,
+                "input_file_id": job["input_file_id"], "completion_window": "24h",
+                "status": "completed" if done else "in_progress", "output_file_id": job["output_file_id"],
+                "error_file_id": None, "created_at": int(time.time()),
+                "request_counts": {"total": 0, "completed": 0, "failed": 0}}
 
     def stop(self) -> None:
         if self._server is not None:
