@@ -405,10 +405,8 @@ def build_llm(spec: LLMSpec, n_ctx: int = 4096, timeout: float = DEFAULT_REQUEST
                 "mounted as OPENAI_API_KEY), or OPENAI_BASE_URL pointing at an OpenAI-compatible server."
             )
         api_key = "not-needed"  # local OpenAI-compatible servers accept any key
-    # A float timeout: the tests use sub-second ones.
-    llm = OpenAILLM(model=spec.model, base_url=base_url, api_key=api_key, timeout=max(1, int(timeout)), max_retries=0)
-    llm._request_timeout = timeout  # noqa: SLF001 - applied in the task's load(), after the client exists
-    return llm
+    # The field takes whole seconds; the task's load() applies the exact (float) timeout to the client.
+    return OpenAILLM(model=spec.model, base_url=base_url, api_key=api_key, timeout=max(1, int(timeout)), max_retries=0)
 
 
 _TASK_CLASS = None
