@@ -43,10 +43,16 @@ from components.finetune import (
     finetune_component,
 )
 from components.generate_queries import (
+    DEFAULT_BATCH_MAX_WAIT,
+    DEFAULT_CONCURRENCY,
     DEFAULT_CONTEXT,
+    DEFAULT_EXPECTED_COMPLETION_TOKENS,
     DEFAULT_MAX_FAILURE_RATE,
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_TEMPERATURE,
+    JSON_MODES,
     LOCAL_LLM,
     generate_queries_component,
 )
@@ -133,6 +139,13 @@ def build_pipeline(target: str = "kfp"):
         temperature: float = DEFAULT_TEMPERATURE,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         generation_batch_size: int = 16,
+        llm_concurrency: int = DEFAULT_CONCURRENCY,
+        llm_request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        llm_max_retries: int = DEFAULT_MAX_RETRIES,
+        llm_json_mode: str = "auto",
+        llm_prices: str = "",
+        llm_use_batch_api: bool = False,
+        llm_batch_max_wait: float = DEFAULT_BATCH_MAX_WAIT,
         max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE,
         embedding_model: str = CLUSTER_EMBEDDING_MODEL,
         embedding_batch_size: int = 64,
@@ -164,7 +177,9 @@ def build_pipeline(target: str = "kfp"):
         generation = dict(
             docs=load.outputs["docs"], llm=llm, llm_base_url=llm_base_url, context=context,
             llm_cache_uri=llm_cache_uri, temperature=temperature, max_new_tokens=max_new_tokens,
-            batch_size=generation_batch_size, max_failure_rate=max_failure_rate,
+            batch_size=generation_batch_size, concurrency=llm_concurrency, request_timeout=llm_request_timeout,
+            max_retries=llm_max_retries, json_mode=llm_json_mode, llm_prices=llm_prices,
+            use_batch_api=llm_use_batch_api, batch_max_wait=llm_batch_max_wait, max_failure_rate=max_failure_rate,
         )
         if target == "vertex":
             # Vertex has no Kubernetes secrets: the task reads the key from Secret Manager by this name.
@@ -290,7 +305,8 @@ def run_locally(args: argparse.Namespace) -> int:
     embedding_model = args.embedding_model
     if _is_local(embedding_model):
         embedding_model = str(Path(embedding_model).expanduser().resolve())
-    cache = "" if args.no_llm_cache else str(Path(args.llm_cache).expanduser().resolve())
+    cache = "" if args.no_llm_cache else (args.llm_cache if "://" in args.llm_cache
+                                          else str(Path(args.llm_cache).expanduser().resolve()))
     model_export_uri = args.model_export_uri or str(output_dir / "model")
     if not args.model_export_uri and (output_dir / "model").is_dir():
         # A previous run's exported model: leaving it would pass it off as this run's winner.
@@ -314,7 +330,10 @@ def run_locally(args: argparse.Namespace) -> int:
             dataset=dataset, limit=args.limit, text_column=args.text_column, docs_base_url=args.docs_base_url,
             llm=args.llm, llm_base_url=args.llm_base_url, context=args.context, llm_cache_uri=cache,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-            generation_batch_size=args.batch_size, max_failure_rate=failure_limit(args),
+            generation_batch_size=args.batch_size, llm_concurrency=args.concurrency,
+            llm_request_timeout=args.request_timeout, llm_max_retries=args.max_retries, llm_json_mode=args.json_mode,
+            llm_prices=args.llm_prices, llm_use_batch_api=args.batch_api, llm_batch_max_wait=args.batch_max_wait,
+            max_failure_rate=failure_limit(args),
             embedding_model=embedding_model, embedding_batch_size=64, output_uri=str(output_dir),
             argilla_url=argilla["url"] if argilla else "", argilla_dataset=args.argilla_dataset,
             hub_repo=args.hub_repo, hub_private=args.hub_private, export_uri=args.export_uri,
@@ -397,7 +416,11 @@ def print_summary(output_dir: Path, seconds: float) -> None:
         print(f"  {output_dir / f'{split}.parquet'}  ({metrics[f'{split}_rows']} rows)")
     print(f"  {output_dir / 'report.md'}  (also report.html, similarity_histograms.png, metrics.json)")
     print(f"Generation: {metrics['generation_generated']} generated, {metrics['generation_cached']} from cache, "
-          f"{metrics['generation_failed']} failed; {metrics['generation_llm_requests']} LLM requests.")
+          f"{metrics['generation_failed']} failed; {metrics['generation_llm_requests']} LLM requests "
+          f"({metrics.get('generation_llm_retries', 0)} retries); {metrics['generation_prompt_tokens']} prompt + "
+          f"{metrics['generation_completion_tokens']} completion tokens; estimated cost "
+          + (f"${metrics['generation_estimated_cost_usd']:.4f}." if "generation_estimated_cost_usd" in metrics
+             else "unknown (no price for this model: --llm-prices)."))
     evaluation = read_json(output_dir / "evaluation.json")
     counts = evaluation["counts"]
     print(f"\nRetrieval, base vs finetuned ({counts['queries']} test queries, corpus of {counts['corpus']} chunks; "
@@ -405,28 +428,63 @@ def print_summary(output_dir: Path, seconds: float) -> None:
           f"{evaluation['gate']['reason']}\nResult model: {evaluation['result_model']}")
 
 
+def estimate(args: argparse.Namespace) -> int:
+    """Print the expected tokens and cost of generation over a dataset, without calling the LLM."""
+    import json
+    import tempfile
+
+    from components.generate_queries import GenerationSettings, estimate_generation, parse_prices
+    from components.load_docs import load_docs
+
+    dataset = args.dataset or str(PROJECT_ROOT)
+    if args.llm_base_url:
+        os.environ["OPENAI_BASE_URL"] = args.llm_base_url
+    cache = "" if args.no_llm_cache else (args.llm_cache if "://" in args.llm_cache
+                                          else str(Path(args.llm_cache).expanduser().resolve()))
+    settings = GenerationSettings(llm=args.llm, context=args.context, cache_uri=cache, temperature=args.temperature,
+                                  max_new_tokens=args.max_new_tokens, json_mode=args.json_mode,
+                                  prices=parse_prices(args.llm_prices))
+    with tempfile.TemporaryDirectory(prefix="estimate-") as chunks:
+        load_docs(dataset, chunks, limit=args.limit, text_column=args.text_column, docs_base_url=args.docs_base_url)
+        result = estimate_generation(chunks, settings, args.expected_completion_tokens)
+    cost = result["estimated_cost_usd"]
+    print(f"Estimate for {result['llm']} over {result['rows']} chunks ({result['cached_rows']} already cached):\n"
+          f"  prompt tokens:     ~{result['estimated_prompt_tokens']:,} ({result['token_count_method']})\n"
+          f"  completion tokens: ~{result['estimated_completion_tokens']:,} ({args.expected_completion_tokens} per row)\n"
+          "  estimated cost:    " + (f"${cost:.4f}" if cost is not None else "unknown: no price for this model, "
+                                     "pass --llm-prices '{\"MODEL\": [prompt, completion]}' (US$ per 1M tokens)")
+          + (f" (Batch API: ${result['estimated_batch_api_cost_usd']:.4f})"
+             if result["estimated_batch_api_cost_usd"] is not None else "")
+          + "\n  One attempt per row; retries and regenerations add to this.")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the pipeline locally with kfp.local")
-    run.add_argument("--dataset", default="", help="Hub dataset id, parquet folder/file (local or gs://), saved "
-                     "DatasetDict folder, or Markdown folder. Default: this project's README and docs/.")
-    run.add_argument("--limit", type=int, default=0, help="at most N chunks per split (0: all)")
+    est = commands.add_parser("estimate", help="print the expected generation tokens and cost; calls no LLM")
+    for sub in (run, est):
+        add_generation_arguments(sub)
+    est.add_argument("--expected-completion-tokens", type=int, default=DEFAULT_EXPECTED_COMPLETION_TOKENS,
+                     help="completion tokens expected per row (two short questions in JSON)")
+    est.add_argument("--json", action="store_true", help="also print the estimate as JSON")
     run.add_argument("--output-dir", default="outputs", help="where train/test parquet and the report go")
-    run.add_argument("--llm", default=LOCAL_LLM, help="'local' (embedded SmolLM2 via llama.cpp), "
-                     "'llamacpp:/path/model.gguf', or 'openai:MODEL' (OPENAI_API_KEY / OPENAI_BASE_URL from the env)")
-    run.add_argument("--llm-base-url", default="", help="OpenAI-compatible base URL (else OPENAI_BASE_URL)")
     run.add_argument("--embedding-model", default=EMBEDDED_EMBEDDING_MODEL, help="local path, Hub id, or the "
                      f"embedded default {EMBEDDED_EMBEDDING_MODEL}")
-    run.add_argument("--context", default=DEFAULT_CONTEXT, help="what the documents are, for the query prompt")
-    run.add_argument("--text-column", default=DEFAULT_TEXT_COLUMN, help="column holding the chunk text")
-    run.add_argument("--docs-base-url", default="", help="URL prefix for pages built from Markdown")
-    run.add_argument("--llm-cache", default=str(DEFAULT_LLM_CACHE), help="folder of cached LLM results")
-    run.add_argument("--no-llm-cache", action="store_true", help="do not read or write the LLM cache")
-    run.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    run.add_argument("--batch-size", type=int, default=8, help="rows per LLM batch (concurrent requests for APIs)")
+    run.add_argument("--batch-size", type=int, default=8, help="rows per distilabel batch")
+    run.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                     help="requests in flight at once for an API endpoint (the in-process model is serial)")
+    run.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, help="seconds per request")
+    run.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
+                     help="retries per request after 429/5xx/timeouts/dropped connections")
+    run.add_argument("--batch-api", action="store_true", help="OpenAI Batch API: half price, results within "
+                     "24 h; job ids are kept in the LLM cache, so a re-run resumes them")
+    run.add_argument("--batch-max-wait", type=float, default=DEFAULT_BATCH_MAX_WAIT,
+                     help="seconds to wait for a Batch API job before stopping (a re-run resumes it)")
     run.add_argument("--max-failure-rate", type=float, default=None,
                      help=f"fail the run when more than this fraction of rows fail generation (default "
                           f"{DEFAULT_MAX_FAILURE_RATE}; {LOCAL_MAX_FAILURE_RATE} for the embedded 135M model)")
@@ -563,6 +621,27 @@ def submit_kfp(args: argparse.Namespace, template: Path, parameters: dict, displ
     return run.run_id
 
 
+def add_generation_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--dataset", default="", help="Hub dataset id, parquet folder/file (local or gs://), saved "
+                     "DatasetDict folder, or Markdown folder. Default: this project's README and docs/.")
+    run.add_argument("--limit", type=int, default=0, help="at most N chunks per split (0: all)")
+    run.add_argument("--llm", default=LOCAL_LLM, help="'local' (embedded SmolLM2 via llama.cpp), "
+                     "'llamacpp:/path/model.gguf', or 'openai:MODEL' (OPENAI_API_KEY / OPENAI_BASE_URL from the env)")
+    run.add_argument("--llm-base-url", default="", help="OpenAI-compatible base URL (else OPENAI_BASE_URL)")
+    run.add_argument("--context", default=DEFAULT_CONTEXT, help="what the documents are, for the query prompt")
+    run.add_argument("--text-column", default=DEFAULT_TEXT_COLUMN, help="column holding the chunk text")
+    run.add_argument("--docs-base-url", default="", help="URL prefix for pages built from Markdown")
+    run.add_argument("--llm-cache", default=str(DEFAULT_LLM_CACHE),
+                     help="folder or gs://bucket/prefix of cached LLM results")
+    run.add_argument("--no-llm-cache", action="store_true", help="do not read or write the LLM cache")
+    run.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    run.add_argument("--json-mode", default="auto", choices=JSON_MODES,
+                     help="output constraint for OpenAI-compatible endpoints (see docs/configuration.md)")
+    run.add_argument("--llm-prices", default="", help='price overrides, JSON: \'{"MODEL": [prompt, completion]}\' '
+                     "in US$ per 1M tokens")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -573,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "manifests":
             print(f"Wrote {write_manifests(Path(args.output))}")
             return 0
+        if args.command == "estimate":
+            return estimate(args)
         if args.command == "submit":
             print(f"Submitted {submit(args)}")
             return 0

@@ -39,8 +39,11 @@ def collect_metrics(load_stats: dict, generation_stats: dict, embed_stats: dict,
             values = frames[split][column].dropna()
             if len(values):
                 metrics[f"{split}_mean_{column}"] = round(float(values.mean()), 4)
-    for key in ("generated", "cached", "failed", "llm_requests", "prompt_tokens", "completion_tokens"):
-        metrics[f"generation_{key}"] = generation_stats[key]
+    for key in ("generated", "cached", "failed", "llm_requests", "llm_retries", "prompt_tokens", "completion_tokens"):
+        if key in generation_stats:
+            metrics[f"generation_{key}"] = generation_stats[key]
+    if generation_stats.get("estimated_cost_usd") is not None:  # None: no known price for the model
+        metrics["generation_estimated_cost_usd"] = generation_stats["estimated_cost_usd"]
     metrics["generation_failure_rate"] = round(generation_stats["failure_rate"], 4)
     metrics["embedding_dimension"] = embed_stats["dimension"]
     metrics["chunks_exceeding_model_window"] = sum(s["exceeds_model_window"] for s in embed_stats["splits"].values())
@@ -83,8 +86,9 @@ def _stage_rows(load_stats: dict, generation_stats: dict, embed_stats: dict) -> 
                      f"empty, {s['dropped_duplicates'] + s.get('dropped_in_train', 0)} duplicate; split {s['split_oversized']} oversized"))
     g = generation_stats
     rows.append(("generate_queries", f"{g['llm']}: {g['generated']} generated, {g['cached']} from cache, {g['failed']} failed "
-                 f"({100 * g['failure_rate']:.1f}%); {g['llm_requests']} LLM requests, {g['prompt_tokens']} prompt + "
-                 f"{g['completion_tokens']} completion tokens"))
+                 f"({100 * g['failure_rate']:.1f}%); {g['llm_requests']} LLM requests ({g.get('llm_retries', 0)} retries), "
+                 f"{g['prompt_tokens']} prompt + {g['completion_tokens']} completion tokens; estimated cost "
+                 + (f"${g['estimated_cost_usd']:.4f}" if g.get("estimated_cost_usd") is not None else "unknown")))
     e = embed_stats
     window = sum(s["exceeds_model_window"] for s in e["splits"].values())
     rows.append(("embed_score", f"{e['embedding_model']} on {e['device']}, dimension {e['dimension']}; {window} chunks exceed "
