@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from components import __version__
 
@@ -222,13 +222,6 @@ def valid_pairs(frame):
         keep &= frame[GENERATION_STATUS].astype(str) != "failed"
     return frame[keep]
 
-
-def count_values(values: Iterable[Any]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        key = str(value)
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def load_secret_into_env(resource: str, env_name: str) -> bool:

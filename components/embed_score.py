@@ -19,6 +19,7 @@ from components.common import (
     SIM_ANCHOR_POS,
     SIM_POS_NEG,
     get_logger,
+    is_text,
     stage_component,
     read_splits,
     resolve_embedding_model,
@@ -49,10 +50,6 @@ def load_model(model_name: str, device: str = "auto"):
     return model
 
 
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
 def embed_texts(model, texts: list[str], batch_size: int = 64):
     """Encode distinct texts once; return (index by text, normalised float32 matrix)."""
     import numpy as np
@@ -73,7 +70,7 @@ def score_frame(frame, index: dict[str, int], vectors, model) -> Any:
     frame = frame.copy()
 
     def rows_of(column: str):
-        return np.array([index.get(text, -1) if _is_text(text) else -1 for text in frame[column]], dtype=np.int64)
+        return np.array([index.get(text, -1) if is_text(text) else -1 for text in frame[column]], dtype=np.int64)
 
     def similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
         valid = (left >= 0) & (right >= 0)
@@ -109,7 +106,7 @@ def embed_score(
     _, model_label = resolve_embedding_model(embedding_model)
     model = load_model(embedding_model, device)
     texts = [text for frame in frames.values() for column in (ANCHOR, POSITIVE, NEGATIVE)
-             for text in frame[column] if _is_text(text)]
+             for text in frame[column] if is_text(text)]
     index, vectors = embed_texts(model, texts, batch_size)
     scored = {split: score_frame(frame, index, vectors, model) for split, frame in frames.items()}
     for frame in scored.values():
