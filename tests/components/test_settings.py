@@ -1,0 +1,60 @@
+"""The settings framework: one dataclass field per setting, every other form derived from it."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from components.settings import SettingError, as_dict, build, check_value, setting, specs
+
+
+@dataclass(frozen=True)
+class ExampleSettings:
+    llm: str = setting("openai:gpt-4o", "which LLM", local="local")
+    concurrency: int = setting(16, "requests in flight", local=8, minimum=1, maximum=1024)
+    max_failure_rate: float = setting(0.05, "fraction of rows allowed to fail", minimum=0.0, maximum=1.0)
+    json_mode: str = setting("auto", "output constraint", choices=("auto", "off"))
+    selector: dict = setting({"gpu": "true"}, "node selector", cli=False)
+
+
+def test_specs_keep_declaration_order_defaults_and_flags():
+    found = specs(ExampleSettings)
+    assert [s.name for s in found] == ["llm", "concurrency", "max_failure_rate", "json_mode", "selector"]
+    assert found[0].default == "openai:gpt-4o" and found[0].local_default == "local"
+    assert found[2].local_default == 0.05  # no local override: the cluster default
+    assert found[2].flag == "--max-failure-rate"
+    assert found[4].cli is False
+
+
+def test_build_uses_cluster_or_local_defaults_and_overrides():
+    assert build(ExampleSettings, {}).llm == "openai:gpt-4o"
+    local = build(ExampleSettings, {"concurrency": 3}, local=True)
+    assert (local.llm, local.concurrency) == ("local", 3)
+    assert as_dict(local)["selector"] == {"gpu": "true"}
+
+
+def test_mutable_defaults_are_not_shared():
+    first, second = ExampleSettings(), ExampleSettings()
+    first.selector["x"] = "y"
+    assert "x" not in second.selector
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"concurrency": 0}, "concurrency must be at least 1"),
+    ({"max_failure_rate": 1.5}, "max_failure_rate must be at most 1"),
+    ({"max_failure_rate": float("nan")}, "finite"),
+    ({"json_mode": "xml"}, "json_mode must be one of auto, off"),
+    ({"concurrency": "8"}, "concurrency must be int"),
+    ({"concurrency": True}, "concurrency must be int"),
+    ({"nope": 1}, "has no setting nope"),
+])
+def test_out_of_range_values_name_the_setting(values, message):
+    with pytest.raises(SettingError, match=message):
+        build(ExampleSettings, values)
+
+
+def test_kfp_floats_for_ints_and_ints_for_floats_are_converted():
+    by_name = {s.name: s for s in specs(ExampleSettings)}
+    assert check_value(by_name["concurrency"], 4.0) == 4
+    assert isinstance(check_value(by_name["max_failure_rate"], 0), float)
+    with pytest.raises(SettingError):
+        check_value(by_name["concurrency"], 4.5)
