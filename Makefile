@@ -51,6 +51,7 @@ compile: $(STAMP)
 	$(PY) pipeline.py compile --target vertex
 
 # ---- Images: one per stage, all tagged with one version; refs come from STAGE_IMAGES (components/common.py) ----
+# A stage builds from its family's Dockerfile, images/<STAGE_FAMILY[stage]>/Dockerfile, with --build-arg STAGE=<stage>.
 # ONLY="load_docs report" builds a subset. Override: make images REGISTRY=europe-docker.pkg.dev/P/REPO VERSION=$$(git rev-parse --short HEAD)
 # and compile with the same values: D2E_IMAGE_REGISTRY=... D2E_IMAGE_VERSION=... python pipeline.py compile
 ENGINE ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
@@ -58,21 +59,25 @@ REGISTRY ?= ghcr.io/docs-to-embeddings
 VERSION ?= $(shell $(PYTHON) -c 'from components import __version__; print(__version__)')
 BUILD_ARGS ?=
 ONLY ?=
+# One word per stage: <stage>=<family>=<image ref>.
 IMAGE_LIST = $(shell D2E_IMAGE_REGISTRY=$(REGISTRY) D2E_IMAGE_VERSION=$(VERSION) $(PYTHON) -c \
-	'from components.common import STAGE_IMAGES as s; print(" ".join(f"{k}={v}" for k, v in s.items()))')
+	'from components.common import STAGE_FAMILY as f, STAGE_IMAGES as s; \
+	print(" ".join(f"{k}={f[k]}={v}" for k, v in s.items()))')
 
 images:
 	@test -n "$(ENGINE)" || { echo "make images needs podman or docker"; exit 1; }
-	@set -e; for pair in $(IMAGE_LIST); do stage=$${pair%%=*}; ref=$${pair#*=}; \
+	@set -e; for pair in $(IMAGE_LIST); do \
+	  stage=$${pair%%=*}; family=$${pair#*=}; family=$${family%%=*}; ref=$${pair##*=}; \
 	  if [ -n "$(ONLY)" ] && ! echo " $(ONLY) " | grep -q " $$stage "; then continue; fi; \
-	  test -f images/$$stage/Dockerfile || { echo "images/$$stage/Dockerfile is missing"; exit 1; }; \
-	  echo "== $$stage -> $$ref"; \
-	  $(ENGINE) build --build-arg VERSION=$(VERSION) $(BUILD_ARGS) -f images/$$stage/Dockerfile -t $$ref . ; \
+	  test -f images/requirements/$$stage.txt || { echo "images/requirements/$$stage.txt is missing"; exit 1; }; \
+	  echo "== $$stage ($$family) -> $$ref"; \
+	  $(ENGINE) build --build-arg STAGE=$$stage --build-arg VERSION=$(VERSION) $(BUILD_ARGS) \
+	    -f images/$$family/Dockerfile -t $$ref . ; \
 	done
 
 push:
 	@test -n "$(ENGINE)" || { echo "make push needs podman or docker"; exit 1; }
-	@set -e; for pair in $(IMAGE_LIST); do ref=$${pair#*=}; echo "== push $$ref"; $(ENGINE) push $$ref; done
+	@set -e; for pair in $(IMAGE_LIST); do ref=$${pair##*=}; echo "== push $$ref"; $(ENGINE) push $$ref; done
 
 # ---- GitOps: kustomize base + overlays with the KFP Pipeline/PipelineVersion resources (tests check freshness) ----
 manifests: $(STAMP)

@@ -56,15 +56,25 @@ CLUSTER_EMBEDDING_MODEL = "Snowflake/snowflake-arctic-embed-l"
 # `make images`/`make push` and `pipeline.py compile` read the same two settings; the committed YAML uses the defaults.
 IMAGE_REGISTRY = os.environ.get("D2E_IMAGE_REGISTRY", "ghcr.io/docs-to-embeddings").rstrip("/")
 IMAGE_VERSION = os.environ.get("D2E_IMAGE_VERSION", __version__)
-# Adding a stage: list it here, add images/<stage>/Dockerfile and images/<stage>/requirements.txt.
-STAGES: tuple[str, ...] = (
-    "load_docs", "generate_queries", "embed_score", "report", "export", "publish", "finetune", "evaluate",
-)
+# Every stage, in pipeline order, with the image family it is built from: images/<family>/Dockerfile with
+# `--build-arg STAGE=<stage>`. "cpu": python-slim; "llamacpp": python-slim plus a compiled llama.cpp; "gpu": CUDA torch.
+# Adding a stage: one entry here and its pinned requirements in images/requirements/<stage>.txt.
+STAGE_FAMILY: dict[str, str] = {
+    "load_docs": "cpu",
+    "generate_queries": "llamacpp",
+    "embed_score": "gpu",
+    "report": "cpu",
+    "export": "cpu",
+    "publish": "cpu",
+    "finetune": "gpu",
+    "evaluate": "gpu",
+}
+STAGES: tuple[str, ...] = tuple(STAGE_FAMILY)
 STAGE_IMAGES: dict[str, str] = {
     stage: f"{IMAGE_REGISTRY}/{stage.replace('_', '-')}:{IMAGE_VERSION}" for stage in STAGES
 }
-# Stages whose image carries a CUDA build of torch and whose task requests a GPU.
-GPU_STAGES: frozenset[str] = frozenset({"embed_score", "finetune", "evaluate"})
+# Stages whose image carries a CUDA build of torch and whose task requests a GPU: the "gpu" family.
+GPU_STAGES: frozenset[str] = frozenset(stage for stage, family in STAGE_FAMILY.items() if family == "gpu")
 # Stages that call other services (Hub, object storage, LLM APIs): retried with backoff on transient failures.
 NETWORK_STAGES: frozenset[str] = frozenset({"load_docs", "generate_queries", "embed_score", "publish", "evaluate"})
 

