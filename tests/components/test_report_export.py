@@ -1,5 +1,6 @@
 """report and export on real upstream outputs: load_docs on the corpus, generation rows, embed_score."""
 
+import io
 import json
 
 import pandas as pd
@@ -65,3 +66,16 @@ def test_export_writes_published_columns_first(tmp_path, stage_dirs):
 def test_export_refuses_unscored_data(tmp_path, stage_dirs):
     with pytest.raises(StageError, match="lacks columns"):
         export(stage_dirs / "triplets", tmp_path, tmp_path / "final")
+
+
+def test_export_to_a_gs_results_folder_is_replaced_on_each_run(tmp_path, stage_dirs, gcs_bucket):
+    write_report(stage_dirs / "docs", stage_dirs / "triplets", stage_dirs / "scored", tmp_path / "report")
+    uri = f"gs://{gcs_bucket.name}/results"
+    first = export(stage_dirs / "scored", tmp_path / "report", uri)
+    assert {blob.name for blob in gcs_bucket.list_blobs(prefix="results/")} == {
+        f"results/{name}" for name in [*first["files"], "export.json"]}
+    again = export(stage_dirs / "scored", tmp_path / "report", uri)  # a second run replaces, never refuses
+    assert json.loads(gcs_bucket.blob("results/export.json").download_as_bytes()) == again
+    assert again["objects"] == first["objects"] and again["rows"] == {"train": 4, "test": 4}
+    train = pd.read_parquet(io.BytesIO(gcs_bucket.blob("results/train.parquet").download_as_bytes()))
+    assert tuple(train.columns[: len(OUTPUT_COLUMNS)]) == OUTPUT_COLUMNS and len(train) == 4
