@@ -177,9 +177,10 @@ def build_pipeline(target: str = "kfp"):
         generation = dict(
             docs=load.outputs["docs"], llm=llm, llm_base_url=llm_base_url, context=context,
             llm_cache_uri=llm_cache_uri, temperature=temperature, max_new_tokens=max_new_tokens,
-            batch_size=generation_batch_size, concurrency=llm_concurrency, request_timeout=llm_request_timeout,
-            max_retries=llm_max_retries, json_mode=llm_json_mode, llm_prices=llm_prices,
-            use_batch_api=llm_use_batch_api, batch_max_wait=llm_batch_max_wait, max_failure_rate=max_failure_rate,
+            generation_batch_size=generation_batch_size, llm_concurrency=llm_concurrency,
+            llm_request_timeout=llm_request_timeout, llm_max_retries=llm_max_retries, llm_json_mode=llm_json_mode,
+            llm_prices=llm_prices, llm_use_batch_api=llm_use_batch_api, llm_batch_max_wait=llm_batch_max_wait,
+            max_failure_rate=max_failure_rate,
         )
         if target == "vertex":
             # Vertex has no Kubernetes secrets: the task reads the key from Secret Manager by this name.
@@ -433,7 +434,7 @@ def estimate(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
-    from components.generate_queries import GenerationSettings, estimate_generation, parse_prices
+    from components.generate_queries import GenerationSettings, estimate_generation
     from components.load_docs import load_docs
 
     dataset = args.dataset or str(PROJECT_ROOT)
@@ -441,9 +442,10 @@ def estimate(args: argparse.Namespace) -> int:
         os.environ["OPENAI_BASE_URL"] = args.llm_base_url
     cache = "" if args.no_llm_cache else (args.llm_cache if "://" in args.llm_cache
                                           else str(Path(args.llm_cache).expanduser().resolve()))
-    settings = GenerationSettings(llm=args.llm, context=args.context, cache_uri=cache, temperature=args.temperature,
-                                  max_new_tokens=args.max_new_tokens, json_mode=args.json_mode,
-                                  prices=parse_prices(args.llm_prices))
+    settings = GenerationSettings(llm=args.llm, llm_base_url=args.llm_base_url, context=args.context,
+                                  llm_cache_uri=cache, temperature=args.temperature,
+                                  max_new_tokens=args.max_new_tokens, llm_json_mode=args.json_mode,
+                                  llm_prices=args.llm_prices)
     with tempfile.TemporaryDirectory(prefix="estimate-") as chunks:
         load_docs(dataset, chunks, limit=args.limit, text_column=args.text_column, docs_base_url=args.docs_base_url)
         result = estimate_generation(chunks, settings, args.expected_completion_tokens)

@@ -9,6 +9,7 @@ from components.common import StageError
 from components.generate_queries import (
     DEFAULT_CONTEXT,
     GenerationSettings,
+    GenerationTuning,
     RowCache,
     build_llm,
     embedded_gguf_path,
@@ -19,6 +20,7 @@ from components.generate_queries import (
     validate_pair,
 )
 from components.load_docs import load_docs
+from components.settings import build
 
 ANCHOR_TEXT = "To install the SDK run pip install kfp. The SDK needs Python 3.9 or later."
 
@@ -97,7 +99,8 @@ def loaded_chunks(tmp_path_factory, kubeflow_docs):
 
 
 def test_embedded_llm_generates_every_row_and_a_second_run_is_served_from_cache(tmp_path, loaded_chunks):
-    settings = GenerationSettings(cache_uri=str(tmp_path / "cache"), max_failure_rate=1.0, batch_size=4)
+    settings = build(GenerationSettings, {"llm_cache_uri": str(tmp_path / "cache"), "max_failure_rate": 1.0,
+                                          "generation_batch_size": 4}, local=True)
     first = generate_queries(loaded_chunks, tmp_path / "first", settings)
     train = pd.read_parquet(tmp_path / "first" / "train.parquet")
     source = pd.read_parquet(loaded_chunks / "train.parquet")
@@ -120,10 +123,10 @@ def test_embedded_llm_generates_every_row_and_a_second_run_is_served_from_cache(
 
 def test_failing_rows_are_kept_counted_and_the_threshold_stops_the_run(tmp_path, loaded_chunks):
     # Eight new tokens cannot hold a JSON object with two questions: every attempt fails validation.
-    settings = GenerationSettings(cache_uri=str(tmp_path / "cache"), max_new_tokens=8, max_attempts=2,
-                                  max_failure_rate=0.05, batch_size=6)
+    settings = build(GenerationSettings, {"llm_cache_uri": str(tmp_path / "cache"), "max_new_tokens": 8,
+                                          "max_failure_rate": 0.05, "generation_batch_size": 6}, local=True)
     with pytest.raises(StageError) as error:
-        generate_queries(loaded_chunks, tmp_path / "out", settings)
+        generate_queries(loaded_chunks, tmp_path / "out", settings, GenerationTuning(max_attempts=2))
     message = str(error.value)
     assert "6 of 6 rows (100.0%) failed" in message and str(tmp_path / "out") in message
     train = pd.read_parquet(tmp_path / "out" / "train.parquet")

@@ -4,6 +4,7 @@ The fault server scripts 429 (with Retry-After), 500, hangs, dropped connections
 missing the negative; the tests count what reached it, so "no request" and "no second generation" are measured.
 """
 
+import dataclasses
 import io
 import json
 import logging
@@ -21,8 +22,9 @@ import pytest
 
 from components.common import GCSStore, LocalStore, StageError, open_store
 from components.generate_queries import (
-    GenerationSettings,
     OUTPUT_SCHEMA,
+    GenerationSettings,
+    GenerationTuning,
     estimate_generation,
     estimated_cost,
     generate_queries,
@@ -37,7 +39,9 @@ from tests.conftest import PROJECT_ROOT
 from tests.support.servers import always, anchor_id, every_third_fails
 
 FAKE_KEY = "sk-test-DO-NOT-LEAK-123"
-TEST_PRICES = {"test-model": [1.0, 2.0]}  # US$ per 1M tokens, for a model the table does not know
+TEST_PRICES = json.dumps({"test-model": [1.0, 2.0]})  # US$ per 1M tokens, for a model the table does not know
+# Short backoff and polling so fault tests take seconds; Retry-After comes from the server (1 s).
+FAST = GenerationTuning(retry_base_delay=0.1, retry_max_delay=2.0, batch_poll_interval=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +62,17 @@ def chunks_6(tmp_path_factory, kubeflow_docs):
 
 
 def fast_settings(tmp_path: Path, **overrides) -> GenerationSettings:
-    """Small timeouts and backoff so fault tests take seconds; Retry-After comes from the server (1 s)."""
-    values = dict(llm="openai:test-model", cache_uri=str(tmp_path / "cache"), concurrency=8, batch_size=8,
-                  request_timeout=1.0, max_retries=6, retry_base_delay=0.1, retry_max_delay=2.0,
-                  prices=TEST_PRICES, max_failure_rate=0.05)
+    """Small timeouts so fault tests take seconds."""
+    values = dict(llm="openai:test-model", llm_cache_uri=str(tmp_path / "cache"), llm_concurrency=8,
+                  generation_batch_size=8, llm_request_timeout=1.0, llm_max_retries=6, llm_prices=TEST_PRICES,
+                  max_failure_rate=0.05)
     values.update(overrides)
     return GenerationSettings(**values)
+
+
+def generate(input_dir, output_dir, settings: GenerationSettings, **tuning) -> dict:
+    """generate_queries with the FAST tuning, `tuning` overriding parts of it."""
+    return generate_queries(input_dir, output_dir, settings, dataclasses.replace(FAST, **tuning))
 
 
 def read_rows(folder: Path) -> pd.DataFrame:
@@ -163,7 +172,7 @@ def stage_log():
 def test_third_of_requests_failing_run_completes_and_reports(tmp_path, chunks_40, openai_server, stage_log):
     """Done when: a server failing a third of requests (429/500/hang/malformed/dropped) -> >= 95% valid rows."""
     server = openai_server(script=every_third_fails(), retry_after="1", hang_seconds=2.0)
-    stats = generate_queries(chunks_40, tmp_path / "out", fast_settings(tmp_path))
+    stats = generate(chunks_40, tmp_path / "out", fast_settings(tmp_path))
     faults = server.faults()
     transport_faults = sum(faults[name] for name in ("429", "500", "hang", "malformed", "drop"))
     assert transport_faults >= len(server.log) // 3 and all(faults[name] for name in ("429", "500", "hang",
@@ -197,7 +206,7 @@ def test_answers_missing_the_negative_are_regenerated(tmp_path, chunks_6, openai
         return "missing_negative"
 
     server = openai_server(script=first_answer_lacks_negative)
-    stats = generate_queries(chunks_6, tmp_path / "out", fast_settings(tmp_path))
+    stats = generate(chunks_6, tmp_path / "out", fast_settings(tmp_path))
     rows = read_rows(tmp_path / "out")
     assert stats["generated"] == 6 and (rows["generation_attempts"] == 2).all()
     assert server.faults() == {"missing_negative": 6, "ok": 6} and stats["llm_retries"] == 0
@@ -206,7 +215,7 @@ def test_answers_missing_the_negative_are_regenerated(tmp_path, chunks_6, openai
 def test_invalid_answers_past_the_threshold_fail_the_run_and_keep_partial_results(tmp_path, chunks_6, openai_server):
     server = openai_server(script=always("missing_negative"))
     with pytest.raises(StageError) as error:
-        generate_queries(chunks_6, tmp_path / "out", fast_settings(tmp_path, max_attempts=2))
+        generate(chunks_6, tmp_path / "out", fast_settings(tmp_path), max_attempts=2)
     message = str(error.value)
     assert "6 of 6 rows (100.0%) failed" in message and "negative missing" in message
     assert str(tmp_path / "out") in message
@@ -220,7 +229,7 @@ def test_invalid_answers_past_the_threshold_fail_the_run_and_keep_partial_result
 def test_a_rejected_key_is_not_retried(tmp_path, chunks_6, openai_server):
     server = openai_server(script=always("401"))
     with pytest.raises(StageError, match="AuthenticationError"):
-        generate_queries(chunks_6, tmp_path / "out", fast_settings(tmp_path, max_attempts=1))
+        generate(chunks_6, tmp_path / "out", fast_settings(tmp_path), max_attempts=1)
     assert len(server.log) == 6  # one request per row: retrying a bad key cannot help
 
 
@@ -234,7 +243,7 @@ def test_failure_rate_under_the_threshold_passes(tmp_path, chunks_40, openai_ser
         return "missing_negative" if anchor_of(body) == bad["anchor"] else "ok"
 
     openai_server(script=one_row_always_invalid)
-    stats = generate_queries(chunks_40, tmp_path / "out", fast_settings(tmp_path))
+    stats = generate(chunks_40, tmp_path / "out", fast_settings(tmp_path))
     assert stats["failed"] == 1 and stats["generated"] == 39
     rows = read_rows(tmp_path / "out")
     assert rows.loc[rows["generation_status"] == "failed", "generation_error"].tolist() == ["negative missing"]
@@ -248,12 +257,12 @@ def test_second_run_on_a_clean_disk_with_the_same_gcs_cache_sends_no_request(tmp
                                                                           gcs_bucket):
     server = openai_server(script=every_third_fails(("429", "500")))
     uri = f"gs://{gcs_bucket.name}/llm-cache"
-    first = generate_queries(chunks_40, tmp_path / "pod1" / "out", fast_settings(tmp_path / "pod1", cache_uri=uri))
+    first = generate(chunks_40, tmp_path / "pod1" / "out", fast_settings(tmp_path / "pod1", llm_cache_uri=uri))
     requests_after_first = len(server.log)
     assert first["generated"] == 40 and requests_after_first >= 40
     assert len(list(gcs_bucket.list_blobs(prefix="llm-cache/"))) == 40
 
-    second = generate_queries(chunks_40, tmp_path / "pod2" / "out", fast_settings(tmp_path / "pod2", cache_uri=uri))
+    second = generate(chunks_40, tmp_path / "pod2" / "out", fast_settings(tmp_path / "pod2", llm_cache_uri=uri))
     assert len(server.log) == requests_after_first  # zero generation requests
     assert second["cached"] == 40 and second["llm_requests"] == 0 and second["estimated_cost_usd"] == 0
     assert not (tmp_path / "pod2" / "cache").exists()
@@ -264,8 +273,8 @@ def test_second_run_on_a_clean_disk_with_the_same_gcs_cache_sends_no_request(tmp
 KILLED_RUN = """
 import sys
 from components.generate_queries import GenerationSettings, generate_queries
-settings = GenerationSettings(llm="openai:test-model", cache_uri=sys.argv[2], concurrency=2, batch_size=4,
-                              request_timeout=5, max_failure_rate=0.0)
+settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], llm_concurrency=2,
+                              generation_batch_size=4, llm_request_timeout=5.0, max_failure_rate=0.0)
 generate_queries(sys.argv[1], sys.argv[3], settings)
 """
 
@@ -291,7 +300,7 @@ def test_killed_run_resumes_without_generating_a_finished_row_twice(tmp_path, ch
     assert not (tmp_path / "out").exists()
     answered_before = dict(server.answered)
 
-    stats = generate_queries(chunks_40, tmp_path / "out", fast_settings(tmp_path, cache_uri=str(cache)))
+    stats = generate(chunks_40, tmp_path / "out", fast_settings(tmp_path, llm_cache_uri=str(cache)))
     answered_in_rerun = {anchor: count - answered_before.get(anchor, 0)
                          for anchor, count in server.answered.items() if count - answered_before.get(anchor, 0)}
     assert not finished & set(answered_in_rerun)  # no finished row was generated again
@@ -309,10 +318,10 @@ def test_killed_run_resumes_without_generating_a_finished_row_twice(tmp_path, ch
 def test_batch_api_job_is_resumed_by_a_rerun_not_submitted_twice(tmp_path, chunks_6, openai_server):
     server = openai_server(script=always("ok"))
     server.batches_finish = False  # the job outlives the first run
-    settings = fast_settings(tmp_path, llm="openai:gpt-4o", use_batch_api=True, batch_poll_interval=0.1,
-                             batch_max_wait=0.5, prices={})
+    settings = fast_settings(tmp_path, llm="openai:gpt-4o", llm_use_batch_api=True, llm_batch_max_wait=0.5,
+                             llm_prices="")
     with pytest.raises(StageError, match="still in_progress") as error:
-        generate_queries(chunks_6, tmp_path / "first", settings)
+        generate(chunks_6, tmp_path / "first", settings)
     assert "re-run to collect it" in str(error.value)
     assert server.batch_calls["batches.create"] == 1 and server.batch_calls["files.create"] == 1
     assert len(list((tmp_path / "cache" / "batches").glob("*.json"))) == 1  # the job id, kept with the cache
@@ -320,21 +329,21 @@ def test_batch_api_job_is_resumed_by_a_rerun_not_submitted_twice(tmp_path, chunk
     assert len(lines) == 6 and json.loads(lines[0])["body"]["model"] == "gpt-4o"
 
     server.batches_finish = True
-    stats = generate_queries(chunks_6, tmp_path / "second", settings)
+    stats = generate(chunks_6, tmp_path / "second", settings)
     assert server.batch_calls["batches.create"] == 1 and server.batch_calls["files.create"] == 1  # resumed
     assert stats["generated"] == 6 and not server.answered.keys() - {anchor_id(a) for a in
                                                                       read_rows(chunks_6)["anchor"]}
     # Half the synchronous price.
     assert stats["estimated_cost_usd"] == pytest.approx(
         (stats["prompt_tokens"] * 2.5 + stats["completion_tokens"] * 10.0) / 2 / 1e6)
-    third = generate_queries(chunks_6, tmp_path / "third", settings)
+    third = generate(chunks_6, tmp_path / "third", settings)
     assert third["cached"] == 6 and server.batch_calls["batches.create"] == 1
 
 
 def test_batch_api_regenerates_invalid_rows_in_a_second_job(tmp_path, chunks_6, openai_server):
     server = openai_server(script=lambda number, body: "missing_negative" if number < 2 else "ok")
-    settings = fast_settings(tmp_path, llm="openai:gpt-4o", use_batch_api=True, batch_poll_interval=0.1)
-    stats = generate_queries(chunks_6, tmp_path / "out", settings)
+    settings = fast_settings(tmp_path, llm="openai:gpt-4o", llm_use_batch_api=True)
+    stats = generate(chunks_6, tmp_path / "out", settings)
     assert stats["generated"] == 6 and server.batch_calls["batches.create"] == 2
     assert len(server.files["file2"].decode().splitlines()) == 2  # only the two invalid rows again
 
@@ -342,7 +351,7 @@ def test_batch_api_regenerates_invalid_rows_in_a_second_job(tmp_path, chunks_6, 
 def test_batch_api_needs_a_cache_for_its_job_ids(tmp_path, chunks_6, openai_server):
     openai_server()
     with pytest.raises(StageError, match="needs --llm openai:MODEL and an LLM cache"):
-        generate_queries(chunks_6, tmp_path / "out", fast_settings(tmp_path, use_batch_api=True, cache_uri=""))
+        generate(chunks_6, tmp_path / "out", fast_settings(tmp_path, llm_use_batch_api=True, llm_cache_uri=""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,10 +360,10 @@ def test_batch_api_needs_a_cache_for_its_job_ids(tmp_path, chunks_6, openai_serv
 
 SECRET_RUN = """
 import sys
-from components.generate_queries import GenerationSettings, generate_queries
-settings = GenerationSettings(llm="openai:test-model", cache_uri=sys.argv[2], concurrency=4, request_timeout=1,
-                              retry_base_delay=0.1, max_failure_rate=0.0)
-stats = generate_queries(sys.argv[1], sys.argv[3], settings)
+from components.generate_queries import GenerationSettings, GenerationTuning, generate_queries
+settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], llm_concurrency=4,
+                              llm_request_timeout=1.0, max_failure_rate=0.0)
+stats = generate_queries(sys.argv[1], sys.argv[3], settings, GenerationTuning(retry_base_delay=0.1))
 print("retries", stats["llm_retries"])
 """
 
@@ -391,7 +400,7 @@ def test_api_key_never_reaches_logs_outputs_cache_or_compiled_yaml(tmp_path, chu
 
 def test_estimate_counts_prompts_and_skips_cached_rows(tmp_path, chunks_6, openai_server):
     server = openai_server(script=always("ok"))
-    settings = fast_settings(tmp_path, llm="openai:gpt-4o", prices={})
+    settings = fast_settings(tmp_path, llm="openai:gpt-4o", llm_prices="")
     before = estimate_generation(chunks_6, settings, expected_completion_tokens=50)
     assert before["rows"] == 6 and before["cached_rows"] == 0 and before["rows_to_generate"] == 6
     assert before["estimated_completion_tokens"] == 300
@@ -399,7 +408,7 @@ def test_estimate_counts_prompts_and_skips_cached_rows(tmp_path, chunks_6, opena
         (before["estimated_prompt_tokens"] * 2.5 + 300 * 10.0) / 1e6)
     assert before["estimated_batch_api_cost_usd"] == pytest.approx(before["estimated_cost_usd"] / 2)
     assert not server.log  # estimating sends nothing
-    generated = generate_queries(chunks_6, tmp_path / "out", settings)
+    generated = generate(chunks_6, tmp_path / "out", settings)
     # The estimate's prompt tokens are a chars/4 estimate; the server counts chars/4 of the same prompts.
     assert before["estimated_prompt_tokens"] == pytest.approx(generated["prompt_tokens"], rel=0.1)
     after = estimate_generation(chunks_6, settings)
@@ -425,7 +434,7 @@ def test_estimate_command_line(tmp_path):
 def test_openai_path_against_llama_cpp_server(tmp_path, chunks_6, llama_cpp_server, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", llama_cpp_server.base_url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    settings = GenerationSettings(llm="openai:smollm2", cache_uri=str(tmp_path / "cache"), concurrency=2,
+    settings = GenerationSettings(llm="openai:smollm2", llm_cache_uri=str(tmp_path / "cache"), llm_concurrency=2,
                                   max_failure_rate=1.0)
     stats = generate_queries(chunks_6, tmp_path / "out", settings)
     rows = read_rows(tmp_path / "out")

