@@ -281,13 +281,3 @@ def load_secret_into_env(resource: str, env_name: str) -> bool:
                          "service account roles/secretmanager.secretAccessor on it.") from error
     os.environ[env_name] = response.payload.data.decode("utf-8").strip()
     return True
-
-
-def __getattr__(name: str):
-    # The object store moved to components.storage; generate_queries (and its tests) still import it from here.
-    # Lazily, because storage itself imports this module.
-    if name in ("LocalStore", "GCSStore", "open_store"):
-        from components import storage
-
-        return getattr(storage, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,8 @@ import hashlib
 import json
 from typing import Any, Optional
 
-from components.common import StageError, open_store
+from components.common import StageError
+from components.storage import open_store
 
 # Bump when the prompt, the output schema or the validation rules change: old cache entries then stop matching.
 CACHE_SCHEMA_VERSION = 1

@@ -20,7 +20,8 @@ import openai
 import pandas as pd
 import pytest
 
-from components.common import GCSStore, LocalStore, StageError, open_store
+from components.common import StageError
+from components.storage import GCSStore, LocalStore, open_store
 from components.generate_queries import (
     OUTPUT_SCHEMA,
     GenerationSettings,
