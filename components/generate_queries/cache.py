@@ -8,7 +8,7 @@ from components.common import StageError
 from components.storage import open_store
 
 # Bump when the prompt, the output schema or the validation rules change: old cache entries then stop matching.
-CACHE_SCHEMA_VERSION = 1
+CACHE_SCHEMA_VERSION = 2  # 2: styled prompts and stricter validation
 
 
 class RowCache:

@@ -6,6 +6,7 @@ import tempfile
 from typing import Any, Optional
 
 from components.common import StageError, read_splits
+from components.generate_queries.prompts import STYLE_COLUMN, parse_styles, query_rows
 from components.generate_queries.llm import LLMSpec, parse_llm_spec
 from components.generate_queries.settings import GenerationSettings
 
@@ -136,11 +137,12 @@ def estimate_generation(
     frames = read_splits(input_dir)
     task = _estimate_task(spec, settings)
     rows = cached = prompt_tokens = 0
+    styles = parse_styles(settings.query_styles)
     for frame in frames.values():
-        for row in frame.to_dict("records"):
+        for row in query_rows(frame.to_dict("records"), styles, settings.queries_per_chunk):
             rows += 1
             messages = task.format_input(row)
-            if task.cached_pair(messages) is not None:
+            if task.cached_pair(messages, row[STYLE_COLUMN]) is not None:
                 cached += 1
                 continue
             prompt_tokens += sum(chars_to_tokens(message["content"]) + 4 for message in messages)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 from components.common import StageError, get_logger, read_splits, write_json, write_splits
 from components.generate_queries.cost import estimated_cost, parse_prices, price_fields, run_price, price_table
 from components.generate_queries.llm import LLMSpec, build_llm, parse_llm_spec, response_format_for
+from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, parse_styles, query_rows
 from components.generate_queries.settings import GenerationSettings, GenerationTuning
 from components.generate_queries.status import GENERATED_COLUMNS, new_status
 from components.settings import as_dict
@@ -37,7 +38,7 @@ def generate_queries(input_dir: str | os.PathLike, output_dir: str | os.PathLike
 
     tuning = tuning or GenerationTuning()
     spec = _checked_spec(settings)
-    frames = read_splits(input_dir)
+    frames = {split: _query_frame(frame, settings) for split, frame in read_splits(input_dir).items()}
     records = [{**row, "_split": split, "_position": position}
                for split, frame in frames.items() for position, row in enumerate(frame.to_dict("records"))]
     log.info("generating queries for %d chunks with %s (cache: %s)", len(records), spec.label,
@@ -60,12 +61,24 @@ def generate_queries(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     return stats
 
 
+def _query_frame(chunks: Any, settings: GenerationSettings) -> Any:
+    """One row per query to generate: each chunk `queries_per_chunk` times, with its style and variant."""
+    import pandas as pd
+
+    rows = query_rows(chunks.to_dict("records"), parse_styles(settings.query_styles), settings.queries_per_chunk)
+    return pd.DataFrame(rows, columns=[*chunks.columns, STYLE_COLUMN, VARIANT_COLUMN])
+
+
 def _checked_spec(settings: GenerationSettings) -> LLMSpec:
     """The LLM spec, after every check that can fail before any work starts."""
     spec = parse_llm_spec(settings.llm)
     build_llm(spec, base_url=settings.llm_base_url)  # a missing key
     response_format_for(spec, settings.llm_json_mode)  # a bad setting
     price_table(parse_prices(settings.llm_prices))
+    try:
+        parse_styles(settings.query_styles)
+    except ValueError as error:
+        raise StageError(str(error)) from error
     if settings.llm_use_batch_api and (spec.provider != "openai" or not settings.llm_cache_uri):
         raise StageError("The Batch API needs --llm openai:MODEL and an LLM cache (--llm-cache / llm_cache_uri), "
                          "where the submitted job ids are kept so a re-run resumes them.")

@@ -16,6 +16,7 @@ DEFAULT_CONTEXT = "Technical documentation of a software project, read by its us
 LOCAL_LLM = "local"
 EMBEDDED_LLM_NAMES = (LOCAL_LLM, "embedded")
 DEFAULT_TEMPERATURE = 0.7
+DEFAULT_QUERY_STYLES = "question,keywords,statement"
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_MAX_FAILURE_RATE = 0.05
 # The embedded 135M model fails validation more often than a production LLM; a local run must still finish.
@@ -43,8 +44,16 @@ class GenerationSettings:
     context: str = setting(DEFAULT_CONTEXT, "what the documents are, for the query prompt")
     llm_cache_uri: str = setting("", "folder or gs://bucket/prefix of cached LLM results (empty: no cache)",
                                  local=LOCAL_LLM_CACHE)
-    temperature: float = setting(DEFAULT_TEMPERATURE, "sampling temperature", minimum=0.0, maximum=2.0)
-    max_new_tokens: int = setting(DEFAULT_MAX_NEW_TOKENS, "most tokens per reply", minimum=1, maximum=32768)
+    queries_per_chunk: int = setting(3, "queries generated per chunk, each its own row; styles are taken in turn "
+                                     "from query_styles", local=1, minimum=1, maximum=10)
+    query_styles: str = setting(DEFAULT_QUERY_STYLES, "comma-separated query styles: question, keywords (a keyword "
+                                "search), statement (a user's goal or problem in one sentence)")
+    prompt_excerpt_chars: int = setting(0, "characters of the chunk shown in the prompt (0: all of it); small "
+                                        "models do better on a short excerpt", local=700, minimum=0, maximum=100000)
+    temperature: float = setting(DEFAULT_TEMPERATURE, "sampling temperature (raised on each regeneration)",
+                                 local=0.3, minimum=0.0, maximum=2.0)
+    max_new_tokens: int = setting(DEFAULT_MAX_NEW_TOKENS, "most tokens per reply", local=128, minimum=1,
+                                  maximum=32768)
     generation_batch_size: int = setting(16, "rows per distilabel batch", local=8, minimum=1, maximum=10000)
     llm_concurrency: int = setting(DEFAULT_CONCURRENCY, "requests in flight at once for an API endpoint (the "
                                    "in-process model is serial)", minimum=1, maximum=1024)
@@ -71,6 +80,8 @@ class GenerationTuning:
     retry_base_delay: float = RETRY_BASE_DELAY  # exponential backoff start, when the server sends no Retry-After
     retry_max_delay: float = RETRY_MAX_DELAY  # cap of the backoff and of a server's Retry-After
     batch_poll_interval: float = DEFAULT_BATCH_POLL_INTERVAL
+    temperature_step: float = 0.3  # added to the temperature on each regeneration of a row, so it says something new
+    repeat_penalty: float = 1.3  # llama.cpp only: small models loop without it
 
 
 def default_failure_rate(llm: str) -> float:

@@ -37,16 +37,13 @@ from components.generate_queries.status import (
     record_pair,
     record_review_flag,
 )
-from components.generate_queries.validation import (
-    JSON_INSTRUCTION,
-    parse_generation,
-    restates_instructions,
-    validate_pair,
-)
+from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, build_messages, page_title, styles
+from components.generate_queries.validation import parse_generation, restates_instructions, validate_pair
 
 # At most this many cache look-ups at once: against object storage each is a round trip.
 CACHE_LOOKUP_THREADS = 16
-SECTIONS_INSTRUCTION = " You must output only two new sections: `## Positive` and `## Negative`."
+DEFAULT_STYLE = "question"
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +52,10 @@ class Judgement:
 
     pair: Optional[dict[str, str]]
     final: bool
+
+
+def _style(row: dict[str, Any]) -> str:
+    return row.get(STYLE_COLUMN) or DEFAULT_STYLE
 
 
 def _is_pair(entry: Optional[dict[str, Any]]) -> bool:
@@ -74,7 +75,7 @@ class QueryTripletTask(GenerateSentencePair):
     total_rows: int = 0
     _cache: Any = PrivateAttr(default=None)
     _identity: dict[str, Any] = PrivateAttr(default_factory=dict)
-    _output_format: Optional[dict[str, Any]] = PrivateAttr(default=None)
+    _output_formats: dict[str, Optional[dict[str, Any]]] = PrivateAttr(default_factory=dict)
     _instructions: str = PrivateAttr(default="")
     _loop: Any = PrivateAttr(default=None)
     _done: int = PrivateAttr(default=0)
@@ -84,8 +85,9 @@ class QueryTripletTask(GenerateSentencePair):
         super().load()
         self._cache = open_cache(self.settings.llm_cache_uri)
         self._identity = llm_identity(self.spec)
-        self._output_format = response_format_for(self.spec, self.settings.llm_json_mode,
-                                                  self.settings.llm_base_url or None)
+        self._output_formats = {style: response_format_for(self.spec, self.settings.llm_json_mode,
+                                                           self.settings.llm_base_url or None, style)
+                                for style in styles()}
         probe = self.format_input({ANCHOR: ""})
         self._instructions = " ".join(message["content"] for message in probe)
         if isinstance(self.llm, OpenAILLM):
@@ -97,11 +99,11 @@ class QueryTripletTask(GenerateSentencePair):
         """The columns this task adds to each row."""
         return list(GENERATED_COLUMNS)
 
-    def format_input(self, input: dict[str, Any]) -> list[dict[str, str]]:
-        """GenerateSentencePair's prompt, asking for a JSON object instead of Markdown sections."""
-        messages = super().format_input(input)
-        system = messages[0]["content"].replace(SECTIONS_INSTRUCTION, "")
-        return [{"role": "system", "content": system + JSON_INSTRUCTION}, *messages[1:]]
+    def format_input(self, input: dict[str, Any], attempt: int = 1) -> list[dict[str, str]]:
+        """The prompt for the row's query style (see prompts.py); each regeneration shows another worked example."""
+        example = int(input.get(VARIANT_COLUMN) or 0) + attempt - 1
+        return build_messages(input, self.context or "", input.get(STYLE_COLUMN) or DEFAULT_STYLE, example,
+                              self.settings.prompt_excerpt_chars)
 
     def format_output(self, output: Optional[str], input: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """The pair in a reply (None for both when there is none)."""
@@ -115,13 +117,13 @@ class QueryTripletTask(GenerateSentencePair):
                 return f"{key} restates the instructions"
         return None
 
-    def cache_key(self, messages: list[dict[str, str]]) -> str:
-        """The row cache key of a prompt with this task's model and generation arguments."""
-        return row_cache_key(self._identity, messages, self._generation_kwargs())
+    def cache_key(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE) -> str:
+        """The row cache key of a prompt with this task's model and its style's generation arguments."""
+        return row_cache_key(self._identity, messages, self._generation_kwargs(style))
 
-    def cached_pair(self, messages: list[dict[str, str]]) -> Optional[dict[str, Any]]:
+    def cached_pair(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE) -> Optional[dict[str, Any]]:
         """The cached entry for a prompt when it holds a pair, else None."""
-        entry = self._cache.get(self.cache_key(messages))
+        entry = self._cache.get(self.cache_key(messages, style))
         return entry if _is_pair(entry) else None
 
     def process(self, inputs: StepInput):  # type: ignore[override]
@@ -130,7 +132,7 @@ class QueryTripletTask(GenerateSentencePair):
         requests = []
         for row in rows:
             messages = self.format_input(row)
-            requests.append(RowRequest(row, self.cache_key(messages), messages))
+            requests.append(RowRequest(row, self.cache_key(messages, _style(row)), messages))
         pending = self._serve_from_cache(requests)
         if pending and self.settings.llm_use_batch_api:
             self._generate_rows_batch_api(pending)
@@ -148,21 +150,24 @@ class QueryTripletTask(GenerateSentencePair):
 
     # -- one attempt -----------------------------------------------------------------------------------------
 
-    def _generation_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"temperature": self.settings.temperature,
-                                  "max_new_tokens": self.settings.max_new_tokens}
-        if self._output_format is not None and self.spec.provider == "llamacpp":
-            # llama.cpp compiles the schema into a grammar: the reply is always parseable JSON.
-            kwargs["extra_generation_kwargs"] = {"response_format": self._output_format}
-        elif self._output_format is not None:
-            kwargs["extra_body"] = {"response_format": self._output_format}
+    def _generation_kwargs(self, style: str = DEFAULT_STYLE, attempt: int = 1) -> dict[str, Any]:
+        temperature = min(MAX_TEMPERATURE, self.settings.temperature + (attempt - 1) * self.tuning.temperature_step)
+        kwargs: dict[str, Any] = {"temperature": temperature, "max_new_tokens": self.settings.max_new_tokens}
+        output_format = self._output_formats.get(style)
+        if self.spec.provider == "llamacpp":
+            # llama.cpp compiles the schema (with the style's pattern) into a grammar: the reply always parses.
+            kwargs["extra_generation_kwargs"] = {"response_format": output_format,
+                                                 "repeat_penalty": self.tuning.repeat_penalty}
+        elif output_format is not None:
+            kwargs["extra_body"] = {"response_format": output_format}
         return kwargs
 
     def _judge(self, row: dict[str, Any], number: int, attempt: Attempt) -> Judgement:
         """Record attempt `number` on the row and say what its reply is worth."""
         record_attempt(row, number, attempt)
         pair, reason = (None, attempt.error) if attempt.error else parse_generation(attempt.text)
-        reason = reason or validate_pair(pair, row[ANCHOR])
+        reason = reason or validate_pair(pair, row[ANCHOR], style=_style(row),
+                                         page=page_title(row.get("url"), row.get("filename")))
         if reason:
             record_failure(row, reason)
             return Judgement(pair=None, final=False)
@@ -176,9 +181,9 @@ class QueryTripletTask(GenerateSentencePair):
         self._cache.put(request.key, {**pair, "model": self.spec.label, "created": time.time()})
         record_pair(request.row, pair, "generated")
 
-    async def _request(self, messages: list[dict[str, str]]) -> Attempt:
+    async def _request(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE, attempt: int = 1) -> Attempt:
         """One generation, with transport retries for an API endpoint."""
-        kwargs = self._generation_kwargs()
+        kwargs = self._generation_kwargs(style, attempt)
         if not isinstance(self.llm, AsyncLLM):  # in-process and serial: nothing to retry, nothing to overlap
             try:
                 output = self.llm.generate_outputs(inputs=[messages], num_generations=1, **kwargs)[0]
@@ -218,8 +223,9 @@ class QueryTripletTask(GenerateSentencePair):
     async def _generate_row(self, request: RowRequest, slots: asyncio.Semaphore) -> None:
         fallback = None  # a valid pair that only carries a review flag
         for number in range(1, self.tuning.max_attempts + 1):
+            messages = request.messages if number == 1 else self.format_input(request.row, number)
             async with slots:
-                attempt = await self._request(request.messages)
+                attempt = await self._request(messages, _style(request.row), number)
             judgement = self._judge(request.row, number, attempt)
             if judgement.final:
                 await asyncio.to_thread(self._finish, request, judgement.pair)
@@ -243,8 +249,9 @@ class QueryTripletTask(GenerateSentencePair):
 
     def _batch_jobs(self) -> BatchJobs:
         body: dict[str, Any] = {"max_tokens": self.settings.max_new_tokens, "temperature": self.settings.temperature}
-        if self._output_format is not None:
-            body["response_format"] = self._output_format
+        # One body for the whole job: OpenAI's strict schema is the same for every style.
+        if self._output_formats.get(DEFAULT_STYLE) is not None:
+            body["response_format"] = self._output_formats[DEFAULT_STYLE]
         # The few job-management calls use the SDK's own retries (which honour Retry-After).
         client = self.llm._client.with_options(max_retries=self.settings.llm_max_retries)  # noqa: SLF001
         return BatchJobs(client, self.llm.model, self._cache.store, self.settings.llm_cache_uri, body,

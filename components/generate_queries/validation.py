@@ -5,30 +5,34 @@ import re
 from typing import Any, Optional
 
 from components.common import NEGATIVE, POSITIVE
+from components.generate_queries.prompts import (
+    MAX_QUERY_CHARS,
+    MIN_QUERY_CHARS,
+    example_replies,
+    output_schema,
+    styles,
+)
 
-MIN_QUERY_CHARS = 8
-MAX_QUERY_CHARS = 300
-
-OUTPUT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        POSITIVE: {"type": "string", "minLength": MIN_QUERY_CHARS, "maxLength": MAX_QUERY_CHARS},
-        NEGATIVE: {"type": "string", "minLength": MIN_QUERY_CHARS, "maxLength": MAX_QUERY_CHARS},
-    },
-    "required": [POSITIVE, NEGATIVE],
-    "additionalProperties": False,
-}
-# OpenAI's strict structured outputs accept a subset of JSON Schema: no length bounds (validate_pair checks them).
+# The default style's schema; each request carries the schema of its own style (prompts.output_schema).
+OUTPUT_SCHEMA: dict[str, Any] = output_schema("question")
+# OpenAI's strict structured outputs accept a subset of JSON Schema: no length bounds or patterns (validate_pair
+# checks them).
 OPENAI_STRICT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {POSITIVE: {"type": "string"}, NEGATIVE: {"type": "string"}},
     "required": [POSITIVE, NEGATIVE],
     "additionalProperties": False,
 }
-JSON_INSTRUCTION = (
-    ' Reply with only a JSON object: {"positive": "<a question the anchor answers>", "negative": "<a question'
-    ' about the same software that the anchor does not answer>"}.'
+# Words too common in queries to show what a query is about.
+_STOPWORDS = frozenset(
+    "about after also does from have into like more should that their them then there these they this those"
+    " what when where which while will with would your using used".split()
 )
+# A reply whose word 3-grams are less varied than this repeats itself ("The user is impressed. The user is ...").
+MIN_DISTINCT_TRIGRAMS = 0.7
+# A reply sharing this much of its vocabulary with a worked example copied it.
+MAX_EXAMPLE_OVERLAP = 0.6
+_PLACEHOLDER = re.compile(r"<\s*(a|an|the)\s+(question|query|keyword|sentence)|\{\{|\}\}", re.IGNORECASE)
 
 _SECTIONS = re.compile(r"##\s*Positive\s*:?\s*(.*?)\s*##\s*Negative\s*:?\s*(.*?)\s*$", re.DOTALL | re.IGNORECASE)
 _FENCED = re.compile(r"^```(?:json)?\s*|\s*```$")
@@ -70,8 +74,50 @@ def restates_instructions(value: str, anchor: str, instructions: str) -> bool:
     return sum(word in instruction_words for word in words) / len(words) > 0.5
 
 
-def validate_pair(pair: dict[str, Any], anchor: str, max_chars: int = MAX_QUERY_CHARS) -> Optional[str]:
-    """Return why a generated pair is unusable, or None when it is fine."""
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def loops(value: str) -> bool:
+    """True when a reply repeats the same few words over and over."""
+    words = _words(value)
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return len(trigrams) >= 6 and len(set(trigrams)) / len(trigrams) < MIN_DISTINCT_TRIGRAMS
+
+
+def copies_example(value: str) -> bool:
+    """True when a reply is (nearly) one of the prompt's worked examples."""
+    words = set(_words(value))
+    for example in example_replies():
+        shown = set(_words(example))
+        if words and len(words & shown) / len(words | shown) >= MAX_EXAMPLE_OVERLAP:
+            return True
+    return False
+
+
+def grounded(value: str, anchor: str, page: str = "") -> bool:
+    """True when the query shares a content word (4+ letters, not a stop word) with its chunk or page."""
+    content = {word for word in _words(value) if len(word) >= 4} - _STOPWORDS
+    return bool(content & set(_words(f"{anchor} {page}")))
+
+
+def style_problem(value: str, style: str) -> Optional[str]:
+    """Why a query is not of its style (a question ends in '?', a keyword search has none), or None."""
+    pattern = styles()[style]["pattern"]
+    if re.fullmatch(pattern, value.strip()):
+        return None
+    if style == "question" and value.strip().endswith("?"):
+        return None  # a real question that starts differently ("In a pipeline, how ...?") is still a question
+    return f"not a {style} query"
+
+
+def validate_pair(pair: dict[str, Any], anchor: str, max_chars: int = MAX_QUERY_CHARS, style: Optional[str] = None,
+                  page: str = "") -> Optional[str]:
+    """Return why a generated pair is unusable, or None when it is fine.
+
+    With a `style`, also: each query is of that style, repeats no words in a loop, copies no worked example and no
+    placeholder of the prompt, and the positive shares a content word with its chunk or page.
+    """
     for key in (POSITIVE, NEGATIVE):
         value = pair.get(key)
         if not isinstance(value, str) or not value.strip():
@@ -84,4 +130,19 @@ def validate_pair(pair: dict[str, Any], anchor: str, max_chars: int = MAX_QUERY_
             return f"{key} copies the anchor"
     if _normalised(pair[POSITIVE]) == _normalised(pair[NEGATIVE]):
         return "positive and negative are the same"
+    return _style_checks(pair, anchor, style, page) if style else None
+
+
+def _style_checks(pair: dict[str, Any], anchor: str, style: str, page: str) -> Optional[str]:
+    for key in (POSITIVE, NEGATIVE):
+        value = pair[key]
+        problem = style_problem(value, style)
+        if problem:
+            return f"{key}: {problem}"
+        if loops(value):
+            return f"{key} loops"
+        if copies_example(value) or _PLACEHOLDER.search(value):
+            return f"{key} copies the prompt"
+    if not grounded(pair[POSITIVE], anchor, page):
+        return "positive shares no word with its chunk"
     return None
