@@ -182,7 +182,7 @@ class LocalArgilla:
     _procs: List[subprocess.Popen] = dataclasses.field(default_factory=list, repr=False)
 
     def is_running(self) -> bool:
-        return _alive(self.server_pid) and _alive(self.redis_pid)
+        return process_alive(self.server_pid) and process_alive(self.redis_pid)
 
     def log_tail(self, lines: int = 60) -> str:
         return _tail(self.log_file, lines)
@@ -208,7 +208,7 @@ class LocalArgilla:
         self.stop()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if not pid:
         return False
     try:
@@ -234,7 +234,7 @@ def _is_ours(pid: int) -> bool:
 
 
 def _terminate_group(pid: int, timeout: float) -> None:
-    if not pid or not _alive(pid):
+    if not pid or not process_alive(pid):
         return
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -243,7 +243,7 @@ def _terminate_group(pid: int, timeout: float) -> None:
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
-            if not _alive(pid):
+            if not process_alive(pid):
                 return
             time.sleep(0.1)
 
@@ -254,7 +254,7 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def _port_in_use(host: str, port: int) -> bool:
+def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
@@ -270,7 +270,7 @@ def _read_pid_file(pid_file: Path) -> Optional[dict]:
 def read_running(data_dir: Path) -> Optional[dict]:
     """Info of the server started on ``data_dir`` if it is still running (from its pid file), else None."""
     info = _read_pid_file(Path(data_dir) / _PID_FILE_NAME)
-    if info and _alive(info.get("server_pid", 0)) and _is_ours(info["server_pid"]):
+    if info and process_alive(info.get("server_pid", 0)) and _is_ours(info["server_pid"]):
         return info
     return None
 
@@ -284,7 +284,7 @@ def stop_local_argilla(data_dir: Path, timeout: float = 15.0) -> bool:
     was_running = False
     for key in ("server_pid", "redis_pid"):
         pid = int(info.get(key) or 0)
-        if pid and _alive(pid) and _is_ours(pid):
+        if pid and process_alive(pid) and _is_ours(pid):
             was_running = True
             _terminate_group(pid, timeout)
     pid_file.unlink(missing_ok=True)
@@ -361,7 +361,7 @@ def start_local_argilla(
             f"an argilla server is already running on {data_dir} ({running.get('url')}); "
             f"stop it with: python {Path(__file__).relative_to(REPO_ROOT)} stop --data-dir {data_dir}"
         )
-    if port and _port_in_use(host, port):
+    if port and port_in_use(host, port):
         raise LocalArgillaError(f"port {host}:{port} is already in use")
 
     venv_dir = Path(venv) if venv is not None else ensure_venv(REPO_ROOT)

@@ -244,7 +244,7 @@ def test_restart_keeps_data_and_cli_start_stop(local_server, argilla_venv, tmp_p
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert local_server.read_running(data_dir) is None
     for pid in (info["server_pid"], info["redis_pid"]):
-        assert not local_server._alive(pid)
+        assert not local_server.process_alive(pid)
 
     with local_server.start_local_argilla(data_dir, venv=argilla_venv) as server:
         client = rg.Argilla(api_url=server.url, api_key=server.api_key)
@@ -254,7 +254,7 @@ def test_restart_keeps_data_and_cli_start_stop(local_server, argilla_venv, tmp_p
         assert ids(found) == ["rec-02"]
         nearest = list(ds.records(query=rg.Query(similar=rg.Similar(name="anchor-vector", value=vector_for(3)))))
         assert nearest[0][0].id == "rec-03"
-    assert not local_server._alive(server.server_pid)
+    assert not local_server.process_alive(server.server_pid)
 
 
 def test_ensure_venv_is_idempotent_and_fast(local_server, argilla_venv):
@@ -262,3 +262,10 @@ def test_ensure_venv_is_idempotent_and_fast(local_server, argilla_venv):
     assert local_server.ensure_venv(REPO_ROOT) == argilla_venv
     assert time.monotonic() - started < 1.0
     assert local_server.venv_python(argilla_venv).exists()
+
+
+def test_the_control_script_also_runs_as_a_module(tmp_path):
+    """`python -m services.argilla.local_server` works like the script path the Makefile uses."""
+    status = subprocess.run([sys.executable, "-m", "services.argilla.local_server", "status", "--data-dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert status.returncode == 1 and "no argilla server running" in status.stdout
