@@ -15,6 +15,7 @@ import base64
 import io
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from components.common import (
     valid_pairs,
     write_json,
 )
+from components.settings import setting
 
 log = get_logger("evaluate")
 
@@ -45,6 +47,17 @@ GATE_METRIC = "ndcg@10"
 DEFAULT_MIN_IMPROVEMENT = 0.01
 EVALUATION_FILES = ("evaluation.json", "evaluation.md", "evaluation.html", "evaluation.png")
 HUB_TOKEN_ENV = "HF_TOKEN"
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """The export gate and where a winning finetuned model goes."""
+
+    min_improvement: float = setting(DEFAULT_MIN_IMPROVEMENT, "export the finetuned model only if its NDCG@10 at full "
+                                     "dimension beats the base by this", minimum=-1.0, maximum=1.0)
+    model_export_uri: str = setting("", "where a winning finetuned model goes (folder or gs://...; a local run's "
+                                    "default is OUTPUT_DIR/model)")
+    hub_model_repo: str = setting("", f"also push a winning model to this Hub repo ({HUB_TOKEN_ENV} from the env)")
 
 
 # --- the metrics --------------------------------------------------------------------------------------------
@@ -356,10 +369,11 @@ def evaluate_component(
     """Base vs finetuned retrieval metrics per Matryoshka dimension; export the finetuned model only if it wins."""
     import shutil
 
-    from components.evaluate import copy_evaluation_files, evaluate
+    from components.evaluate import EvaluateSettings, copy_evaluation_files, evaluate
+    from components.settings import as_dict, from_arguments
 
-    result = evaluate(scored.path, finetuned_model.path, evaluation.path, base_model, min_improvement=min_improvement,
-                      model_export_uri=model_export_uri, hub_model_repo=hub_model_repo)
+    settings = from_arguments(EvaluateSettings, locals())
+    result = evaluate(scored.path, finetuned_model.path, evaluation.path, base_model, **as_dict(settings))
     for model_name, model in result["models"].items():
         for dim, values in model["metrics"].items():
             for metric, value in values.items():

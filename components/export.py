@@ -6,6 +6,7 @@ that folder as well.
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,19 @@ from components.common import (
     write_json,
     write_splits,
 )
+from components.settings import setting
 
 log = get_logger("export")
 REPORT_FILES = ("report.html", "report.md", "similarity_histograms.png", "metrics.json", "stats.json")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Where the final dataset goes besides the pipeline's own artifacts (evaluate writes its report there too)."""
+
+    # A local run sets it from --output-dir, so it has no flag of its own.
+    output_uri: str = setting("", "folder that also receives train/test parquet, the report and the evaluation "
+                              "(empty: the pipeline's artifacts only)", cli=False)
 
 
 def final_frames(scored_dir: str | os.PathLike) -> dict[str, Any]:
@@ -64,9 +75,11 @@ def export(
 @stage_component("export")
 def export_component(scored: Input[Dataset], report_files: Input[Artifact], output_uri: str, dataset: Output[Dataset]):
     """Write the final train/test parquet (and the report) to the output artifact and to output_uri if set."""
-    from components.export import export
+    from components.export import ExportSettings, export
+    from components.settings import from_arguments
 
+    settings = from_arguments(ExportSettings, locals())
     summary = export(scored.path, report_files.path, dataset.path)
-    if output_uri:
-        export(scored.path, report_files.path, output_uri)
+    if settings.output_uri:
+        export(scored.path, report_files.path, settings.output_uri)
     dataset.metadata.update(summary["rows"])
