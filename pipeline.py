@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """The pipeline: documentation chunks -> synthetic query triplets -> scored embedding training data.
 
-One pipeline function serves both targets: `compile --target kfp|vertex` writes the YAML for Kubeflow or Vertex AI.
-Its parameters are derived from the stages' settings classes (`d2e/parameters.py`); what differs per target lives
-in `d2e/targets.py`. The command line (`python pipeline.py run|estimate|compile|submit|manifests`) is `d2e/cli.py`.
+One pipeline function serves both targets: `run` executes it locally with kfp.local (each stage a subprocess
+running the same code the cluster images run), `compile --target kfp|vertex` writes the YAML for Kubeflow or
+Vertex AI, `submit` starts a run there, `manifests` writes the GitOps Pipeline/PipelineVersion.
+
+This file is the pipeline itself; its parameters derive from the stages' settings classes (d2e/parameters.py),
+what differs per target is in d2e/targets.py, and the command line in d2e/cli.py.
 """
 
 import sys

@@ -158,3 +158,10 @@ def test_secret_manager_value_goes_to_env_only(monkeypatch):
     assert load_secret_into_env("", "D2E_TEST_KEY") is False and "D2E_TEST_KEY" not in os.environ
     with pytest.raises(StageError, match="not a Secret Manager name"):
         load_secret_into_env("sk-abc", "D2E_TEST_KEY")
+
+
+def test_an_unknown_target_names_the_known_ones():
+    from pipeline import build_pipeline
+
+    with pytest.raises(StageError, match="Unknown target 'azure'; use one of kfp, vertex"):
+        build_pipeline("azure")
