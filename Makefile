@@ -40,10 +40,10 @@ chromium:
 
 # Serve the local Argilla again (detached) to browse what `make run` published; prints the address and login.
 argilla-ui: $(STAMP)
-	$(PY) services/argilla/local_server.py start --data-dir $(ARGILLA_DATA) --port $(ARGILLA_PORT)
+	$(PY) -m services.argilla start --data-dir $(ARGILLA_DATA) --port $(ARGILLA_PORT)
 
 argilla-stop:
-	$(PYTHON) services/argilla/local_server.py stop --data-dir $(ARGILLA_DATA)
+	$(PYTHON) -m services.argilla stop --data-dir $(ARGILLA_DATA)
 
 # Both compiled targets are committed; tests check they are fresh.
 compile: $(STAMP)

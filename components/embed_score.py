@@ -5,6 +5,7 @@ normalised embeddings, so cosine similarity is a dot product. CUDA in half preci
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from kfp.dsl import Dataset, Input, Output
 from components.common import (
     ANCHOR,
     ANCHOR_VECTOR,
+    CLUSTER_EMBEDDING_MODEL,
+    EMBEDDED_EMBEDDING_MODEL,
     NEGATIVE,
     POSITIVE,
     SIM_ANCHOR_NEG,
@@ -26,8 +29,18 @@ from components.common import (
     write_json,
     write_splits,
 )
+from components.settings import setting
 
 log = get_logger("embed_score")
+
+
+@dataclass(frozen=True)
+class EmbedScoreSettings:
+    """The base embedding model (also what finetune starts from and evaluate compares against)."""
+
+    embedding_model: str = setting(CLUSTER_EMBEDDING_MODEL, "local path, Hub id, or the embedded default "
+                                   f"{EMBEDDED_EMBEDDING_MODEL}", local=EMBEDDED_EMBEDDING_MODEL)
+    embedding_batch_size: int = setting(64, "texts per encoding batch", minimum=1)
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -138,10 +151,13 @@ def embed_score(
 
 
 @stage_component("embed_score")
-def embed_score_component(triplets: Input[Dataset], embedding_model: str, batch_size: int, scored: Output[Dataset]):
+def embed_score_component(triplets: Input[Dataset], embedding_model: str, embedding_batch_size: int,
+                          scored: Output[Dataset]):
     """Embed anchor/positive/negative with the base model and add similarities and the anchor vector."""
-    from components.embed_score import embed_score
+    from components.embed_score import EmbedScoreSettings, embed_score
+    from components.settings import from_arguments
 
-    stats = embed_score(triplets.path, scored.path, embedding_model, batch_size=batch_size)
+    settings = from_arguments(EmbedScoreSettings, locals())
+    stats = embed_score(triplets.path, scored.path, settings.embedding_model, batch_size=settings.embedding_batch_size)
     scored.metadata.update({"embedding_model": stats["embedding_model"], "dimension": stats["dimension"],
                             "device": stats["device"]})

@@ -12,8 +12,9 @@ least `min_improvement`; otherwise the base model stays the result and the repor
 """
 
 import base64
-import io
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from components.common import (
     write_json,
 )
 from components.storage import export_model, write_results
+from components.settings import setting
 
 log = get_logger("evaluate")
 
@@ -47,6 +49,17 @@ CUTOFFS = (1, 5, 10)
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10")
 GATE_METRIC = "ndcg@10"
 DEFAULT_MIN_IMPROVEMENT = 0.01
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """The export gate and where a winning finetuned model goes."""
+
+    min_improvement: float = setting(DEFAULT_MIN_IMPROVEMENT, "export the finetuned model only if its NDCG@10 at full "
+                                     "dimension beats the base by this", minimum=-1.0, maximum=1.0)
+    model_export_uri: str = setting("", "where a winning finetuned model goes (folder or gs://...; a local run's "
+                                    "default is OUTPUT_DIR/model)")
+    hub_model_repo: str = setting("", f"also push a winning model to this Hub repo ({HF_TOKEN_ENV} from the env)")
 
 
 # --- the metrics --------------------------------------------------------------------------------------------
@@ -338,14 +351,16 @@ def evaluate_component(
 
     The model goes to model_export_uri, else to <output_uri>/model (components.storage.export_targets).
     """
-    import shutil
 
-    from components.evaluate import copy_evaluation_files, evaluate
+    from components.evaluate import EvaluateSettings, copy_evaluation_files, evaluate
+    from components.settings import from_arguments
     from components.storage import export_targets
 
-    targets = export_targets(output_uri=output_uri, model_export_uri=model_export_uri)
-    result = evaluate(scored.path, finetuned_model.path, evaluation.path, base_model, min_improvement=min_improvement,
-                      model_export_uri=targets.model, hub_model_repo=hub_model_repo)
+    settings = from_arguments(EvaluateSettings, locals())
+    targets = export_targets(output_uri=output_uri, model_export_uri=settings.model_export_uri)
+    result = evaluate(scored.path, finetuned_model.path, evaluation.path, base_model,
+                      min_improvement=settings.min_improvement, model_export_uri=targets.model,
+                      hub_model_repo=settings.hub_model_repo)
     for model_name, model in result["models"].items():
         for dim, values in model["metrics"].items():
             for metric, value in values.items():

@@ -6,6 +6,7 @@ or gs:// prefix; docs/configuration.md#where-exports-go), each followed by `expo
 
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 from kfp.dsl import Artifact, Dataset, Input, Output
@@ -20,8 +21,18 @@ from components.common import (
     stage_component,
 )
 from components.storage import write_results
+from components.settings import setting
 
 log = get_logger("export")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Where the final dataset goes besides the pipeline's own artifacts (evaluate writes its report there too)."""
+
+    # A local run sets it from --output-dir, so it has no flag of its own.
+    output_uri: str = setting("", "folder that also receives train/test parquet, the report and the evaluation "
+                              "(empty: the pipeline's artifacts only)", cli=False)
 
 
 def final_frames(scored_dir: str | os.PathLike) -> dict[str, Any]:
@@ -55,9 +66,11 @@ def export(
 @stage_component("export")
 def export_component(scored: Input[Dataset], report_files: Input[Artifact], output_uri: str, dataset: Output[Dataset]):
     """Write the final train/test parquet (and the report) to the output artifact and to output_uri if set."""
-    from components.export import export
+    from components.export import ExportSettings, export
+    from components.settings import from_arguments
 
+    settings = from_arguments(ExportSettings, locals())
     summary = export(scored.path, report_files.path, dataset.path)
-    if output_uri:
-        export(scored.path, report_files.path, output_uri)
+    if settings.output_uri:
+        export(scored.path, report_files.path, settings.output_uri)
     dataset.metadata.update(summary["rows"])

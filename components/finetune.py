@@ -9,6 +9,7 @@ negative; MatryoshkaLoss applies it at every dimension in `matryoshka_dims`, the
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from components.common import (
     valid_pairs,
     write_json,
 )
+from components.settings import setting
 
 log = get_logger("finetune")
 
@@ -48,6 +50,22 @@ FEW_STEPS = 50
 TRAINING_STATS = "training_stats.json"
 
 QUERY_COLUMN, DOCUMENT_COLUMN, HARD_NEGATIVE_COLUMN = "query", "document", "hard_negative"
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Training settings; a local CPU run uses a smaller batch so a few hundred rows still give enough steps."""
+
+    finetune_epochs: float = setting(float(DEFAULT_EPOCHS), "finetuning epochs", minimum=0.01)
+    finetune_batch_size: int = setting(DEFAULT_BATCH_SIZE, "pairs per optimizer step; also the in-batch negatives",
+                                       local=16, minimum=2)
+    finetune_learning_rate: float = setting(DEFAULT_LEARNING_RATE, "peak learning rate", minimum=1e-9, maximum=1.0)
+    finetune_warmup_ratio: float = setting(DEFAULT_WARMUP_RATIO, "fraction of the steps spent warming up",
+                                           minimum=0.0, maximum=0.99)
+    finetune_hard_negatives: bool = setting(DEFAULT_USE_HARD_NEGATIVES, "add the generated negative as an explicit "
+                                            "hard negative (default: in-batch negatives only, the better of the two "
+                                            "on the embedded LLM's data; see README)")
+    finetune_seed: int = setting(DEFAULT_SEED, "random seed of the training run", minimum=0, maximum=2**32 - 1)
 
 
 def training_pairs(frame, use_hard_negatives: bool):
@@ -191,20 +209,23 @@ def finetune(
 def finetune_component(
     scored: Input[Dataset],
     embedding_model: str,
-    epochs: float,
-    batch_size: int,
-    learning_rate: float,
-    warmup_ratio: float,
-    use_hard_negatives: bool,
-    seed: int,
+    finetune_epochs: float,
+    finetune_batch_size: int,
+    finetune_learning_rate: float,
+    finetune_warmup_ratio: float,
+    finetune_hard_negatives: bool,
+    finetune_seed: int,
     model: Output[Model],
 ):
     """Finetune the embedding model on the train split's valid triplets (MNRL inside MatryoshkaLoss)."""
-    from components.finetune import finetune
+    from components.finetune import FinetuneSettings, finetune
+    from components.settings import from_arguments
 
-    stats = finetune(scored.path, model.path, embedding_model, epochs=epochs, batch_size=batch_size,
-                     learning_rate=learning_rate, warmup_ratio=warmup_ratio, use_hard_negatives=use_hard_negatives,
-                     seed=seed)
+    settings = from_arguments(FinetuneSettings, locals())
+    stats = finetune(scored.path, model.path, embedding_model, epochs=settings.finetune_epochs,
+                     batch_size=settings.finetune_batch_size, learning_rate=settings.finetune_learning_rate,
+                     warmup_ratio=settings.finetune_warmup_ratio, use_hard_negatives=settings.finetune_hard_negatives,
+                     seed=settings.finetune_seed)
     model.metadata.update({key: stats[key] for key in ("base_model", "dimension", "matryoshka_dims",
                                                         "optimizer_steps", "valid_train_rows", "precision",
                                                         "use_hard_negatives", "train_loss")})

@@ -9,6 +9,7 @@ import hashlib
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from components.common import (
     write_splits,
 )
 from components.storage import open_file, open_store, read_parquet
+from components.settings import setting
 
 log = get_logger("load_docs")
 
@@ -39,6 +41,17 @@ DEFAULT_MAX_CHUNK_CHARS = 8000
 MARKDOWN_SUFFIXES = (".md", ".markdown")
 # Folders that hold tooling or installed packages, never a project's own documentation.
 SKIPPED_DIRS = {"node_modules", "site-packages", "venv", "build", "dist", "local_outputs", "outputs"}
+
+
+@dataclass(frozen=True)
+class LoadDocsSettings:
+    """Which chunks to load: the stage's pipeline parameters, `run` flags and component arguments."""
+
+    dataset: str = setting("zenml/rag_qa_embedding_questions_0_60_0", "Hub id, parquet file/folder (local or gs://), "
+                           "saved DatasetDict or Markdown folder ('': this project's docs)", local="")
+    limit: int = setting(0, "at most N chunks per split (0: all)", minimum=0)
+    text_column: str = setting(DEFAULT_TEXT_COLUMN, "column holding the chunk text")
+    docs_base_url: str = setting("", "URL prefix for pages built from Markdown")
 
 
 def chunk_id(text: str) -> str:
@@ -59,10 +72,8 @@ _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
 def clean_markdown(text: str) -> str:
-    text = text.replace("\r\n", "\n")
-    text = _FRONT_MATTER.sub("", text, count=1)
-    text = _SHORTCODE.sub("", text)
-    text = _HTML_COMMENT.sub("", text)
+    text = _FRONT_MATTER.sub("", text.replace("\r\n", "\n"), count=1)
+    text = _HTML_COMMENT.sub("", _SHORTCODE.sub("", text))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
@@ -240,15 +251,14 @@ def _read_parquet_source(source: str) -> dict[str, "pandas.DataFrame"] | None:  
 
 
 def _from_dataset_dict(dataset_dict: Any) -> dict[str, "pandas.DataFrame"]:  # noqa: F821
-    missing = [split for split in ("train",) if split not in dataset_dict]
-    if missing:
+    if "train" not in dataset_dict:
         raise StageError(f"The dataset has splits {sorted(dataset_dict)}, but a 'train' split is needed.")
     return {split: dataset_dict[split].to_pandas() if split in dataset_dict else None for split in SPLITS}
 
 
 def read_source(source: str, test_fraction: float = 0.2, docs_base_url: str = "") -> tuple[str, dict[str, Any]]:
     """Return (kind of source, {split: DataFrame}) for any supported source."""
-    if _is_remote(source):
+    if "://" in source:  # object storage: a parquet prefix
         frames = _read_parquet_source(source)
         if frames is None:
             raise StageError(f"No train.parquet/test.parquet found under {source}.")
@@ -373,20 +383,20 @@ def load_docs(
         raise StageError(f"No usable chunks in the train split of {source} after dropping empty rows.")
     write_splits(cleaned, output_dir)
     write_json(Path(output_dir) / "stats.json", stats)
-    for split in SPLITS:
-        split_stats = stats["splits"][split]
-        log.info(
-            "%s: %d rows (read %d, dropped %d empty, %d duplicate, split %d oversized)", split,
-            split_stats["rows"], split_stats["rows_read"], split_stats["dropped_empty"],
-            split_stats["dropped_duplicates"] + split_stats.get("dropped_in_train", 0), split_stats["split_oversized"],
-        )
+    for split, values in stats["splits"].items():
+        log.info("%s: %d rows (read %d, dropped %d empty, %d duplicate, split %d oversized)", split, values["rows"],
+                 values["rows_read"], values["dropped_empty"],
+                 values["dropped_duplicates"] + values.get("dropped_in_train", 0), values["split_oversized"])
     return stats
 
 
 @stage_component("load_docs")
-def load_docs_component(source: str, limit: int, text_column: str, docs_base_url: str, docs: Output[Dataset]):
+def load_docs_component(dataset: str, limit: int, text_column: str, docs_base_url: str, docs: Output[Dataset]):
     """Load documentation chunks (Hub id, parquet folder/prefix, saved DatasetDict or Markdown folder)."""
-    from components.load_docs import load_docs
+    from components.load_docs import LoadDocsSettings, load_docs
+    from components.settings import from_arguments
 
-    stats = load_docs(source, docs.path, limit=limit or None, text_column=text_column, docs_base_url=docs_base_url)
+    settings = from_arguments(LoadDocsSettings, locals())
+    stats = load_docs(settings.dataset, docs.path, limit=settings.limit or None, text_column=settings.text_column,
+                      docs_base_url=settings.docs_base_url)
     docs.metadata.update({split: values["rows"] for split, values in stats["splits"].items()})

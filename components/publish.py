@@ -16,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from kfp.dsl import Artifact, Dataset, Input, Output
@@ -38,10 +39,25 @@ from components.common import (
 )
 from components.publish_hub import publish_to_hub
 from components.storage import publish_files
+from components.settings import setting
 
 log = get_logger("publish")
 
 DEFAULT_ARGILLA_DATASET = "docs-to-embeddings"
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    """Where the scored dataset is published; an empty URL, repo or URI skips that target."""
+
+    argilla_url: str = setting("", f"Argilla server to publish to ({ARGILLA_API_KEY_ENV} from the env); a local run "
+                               "starts its own unless --no-argilla")
+    argilla_dataset: str = setting(DEFAULT_ARGILLA_DATASET, "Argilla dataset name")
+    argilla_workspace: str = setting("", "Argilla workspace (empty: the server's default)")
+    hub_repo: str = setting("", f"Hugging Face dataset repo to push to ({HF_TOKEN_ENV} from the env); empty: skip")
+    hub_private: bool = setting(True, "make the Hub repo private")
+    export_uri: str = setting("", "gs:// prefix that also receives parquet, report and manifest (create-only; "
+                              "Google credentials from the env); empty: skip")
 
 
 def load_frames(scored_dir: "str | os.PathLike") -> dict[str, Any]:
@@ -289,11 +305,11 @@ def publish_component(
 ):
     """Publish the scored dataset to Argilla, the Hugging Face Hub and object storage, each when configured."""
     from components.common import write_json
-    from components.publish import publish
+    from components.publish import PublishSettings, publish
+    from components.settings import as_dict, from_arguments
 
-    summary = publish(scored.path, report_files.path, argilla_url=argilla_url, argilla_dataset=argilla_dataset,
-                      argilla_workspace=argilla_workspace, hub_repo=hub_repo, hub_private=hub_private,
-                      export_uri=export_uri, run_id=run_id)
+    settings = from_arguments(PublishSettings, locals())
+    summary = publish(scored.path, report_files.path, run_id=run_id, **as_dict(settings))
     write_json(f"{published.path}/publish.json", summary)
     if summary["argilla"]:
         published.metadata["argilla_records"] = summary["argilla"]["records"]

@@ -105,3 +105,16 @@ def build(settings_class: type, values: dict[str, Any], *, local: bool = False):
 def as_dict(settings: Any) -> dict[str, Any]:
     """Field name -> value, the form the pipeline and the KFP component take."""
     return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
+
+
+def from_arguments(settings_class: type, arguments: dict[str, Any]):
+    """The settings among a KFP component's arguments (pass its `locals()`), range-checked at the stage boundary.
+
+    Every setting must be among the arguments: a component that lacks one fails here instead of silently running
+    on the default.
+    """
+    names = [spec.name for spec in specs(settings_class)]
+    missing = [name for name in names if name not in arguments]
+    if missing:
+        raise TypeError(f"The component of {settings_class.__name__} lacks the arguments {', '.join(missing)}.")
+    return build(settings_class, {name: arguments[name] for name in names})

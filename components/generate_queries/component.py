@@ -16,6 +16,9 @@ def generate_queries_component(
     llm_base_url: str,
     context: str,
     llm_cache_uri: str,
+    queries_per_chunk: int,
+    query_styles: str,
+    prompt_excerpt_chars: int,
     temperature: float,
     max_new_tokens: int,
     generation_batch_size: int,
@@ -30,16 +33,16 @@ def generate_queries_component(
     triplets: Output[Dataset],
     openai_secret_resource: str = "",
 ):
-    """Generate a positive and a negative query per chunk with distilabel's GenerateSentencePair."""
+    """Generate `queries_per_chunk` (positive, negative) query pairs per chunk with distilabel's GenerateSentencePair."""
     arguments = dict(locals())  # first, while the arguments are the only locals
     from components.common import load_secret_into_env
     from components.generate_queries import GenerationSettings, generate_queries
-    from components.settings import build, specs
+    from components.settings import from_arguments
 
     # Vertex: the key comes from Secret Manager by name at run time (Kubeflow injects it as env instead).
     load_secret_into_env(openai_secret_resource, "OPENAI_API_KEY")
     # The range checks run here too: a run started from the KFP UI never went through the CLI's checks.
-    settings = build(GenerationSettings, {spec.name: arguments[spec.name] for spec in specs(GenerationSettings)})
+    settings = from_arguments(GenerationSettings, arguments)
     stats = generate_queries(docs.path, triplets.path, settings)
     triplets.metadata.update({"rows": stats["rows"], "failed": stats["failed"], "llm": stats["llm"],
                               "llm_retries": stats["llm_retries"], "prompt_tokens": stats["prompt_tokens"],

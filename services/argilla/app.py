@@ -2,7 +2,7 @@
 
     uvicorn app:app --app-dir services/argilla --host 127.0.0.1 --port 6900
 
-Normally started by ``services/argilla/local_server.py``.  Compared with
+Normally started by ``services/argilla/local_server.py`` (``python -m services.argilla start``).  Compared with
 ``argilla_server start`` it:
 
 1. registers the in-memory search engine (``inmemory_search_engine``) and

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from components.settings import SettingError, as_dict, build, check_value, setting, specs
+from components.settings import SettingError, as_dict, build, check_value, from_arguments, setting, specs
 
 
 @dataclass(frozen=True)
@@ -58,3 +58,14 @@ def test_kfp_floats_for_ints_and_ints_for_floats_are_converted():
     assert isinstance(check_value(by_name["max_failure_rate"], 0), float)
     with pytest.raises(SettingError):
         check_value(by_name["concurrency"], 4.5)
+
+
+def test_from_arguments_picks_the_settings_and_checks_them():
+    arguments = {"llm": "x", "concurrency": 2.0, "max_failure_rate": 0, "json_mode": "off", "selector": {},
+                 "docs": "/an/artifact/path"}
+    found = from_arguments(ExampleSettings, arguments)
+    assert (found.llm, found.concurrency, found.max_failure_rate) == ("x", 2, 0.0)
+    with pytest.raises(SettingError, match="concurrency must be at least 1"):
+        from_arguments(ExampleSettings, {**arguments, "concurrency": 0})
+    with pytest.raises(TypeError, match="lacks the arguments selector"):
+        from_arguments(ExampleSettings, {k: v for k, v in arguments.items() if k != "selector"})

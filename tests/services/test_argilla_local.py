@@ -19,7 +19,6 @@ import argilla as rg
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LOCAL_SERVER_PATH = REPO_ROOT / "services" / "argilla" / "local_server.py"
 
 AGENT = "doc2emb-generator/test"
 N_RECORDS = 12
@@ -227,24 +226,27 @@ def test_responses_feed_progress_and_status_filters(argilla_client):
 def test_restart_keeps_data_and_cli_start_stop(local_server, argilla_venv, tmp_path):
     """`start`/`stop` CLI (detached, as `make argilla-ui` uses it), then a restart re-indexes from SQLite."""
     data_dir = tmp_path / "argilla"
-    cli = [sys.executable, str(LOCAL_SERVER_PATH)]
+    cli = [sys.executable, "-m", "services.argilla"]
     started = subprocess.run(cli + ["start", "--data-dir", str(data_dir), "--port", "0"], capture_output=True,
                              text=True, timeout=150, cwd=REPO_ROOT)
+    assert "Warning" not in started.stderr, started.stderr
     assert started.returncode == 0, started.stdout + started.stderr
     info = local_server.read_running(data_dir)
     assert info is not None and info["url"] in started.stdout
-    assert subprocess.run(cli + ["status", "--data-dir", str(data_dir)], capture_output=True).returncode == 0
+    status = subprocess.run(cli + ["status", "--data-dir", str(data_dir)], capture_output=True, cwd=REPO_ROOT)
+    assert status.returncode == 0
 
     client = rg.Argilla(api_url=info["url"], api_key=info["api_key"])
     ds = rg.Dataset(name="persisted", workspace="argilla", settings=dataset_settings(), client=client)
     ds.create()
     ds.records.log([make_record(i) for i in range(4)])
 
-    stopped = subprocess.run(cli + ["stop", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60)
+    stopped = subprocess.run(cli + ["stop", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60,
+                             cwd=REPO_ROOT)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert local_server.read_running(data_dir) is None
     for pid in (info["server_pid"], info["redis_pid"]):
-        assert not local_server._alive(pid)
+        assert not local_server.process_alive(pid)
 
     with local_server.start_local_argilla(data_dir, venv=argilla_venv) as server:
         client = rg.Argilla(api_url=server.url, api_key=server.api_key)
@@ -254,7 +256,7 @@ def test_restart_keeps_data_and_cli_start_stop(local_server, argilla_venv, tmp_p
         assert ids(found) == ["rec-02"]
         nearest = list(ds.records(query=rg.Query(similar=rg.Similar(name="anchor-vector", value=vector_for(3)))))
         assert nearest[0][0].id == "rec-03"
-    assert not local_server._alive(server.server_pid)
+    assert not local_server.process_alive(server.server_pid)
 
 
 def test_ensure_venv_is_idempotent_and_fast(local_server, argilla_venv):
@@ -262,3 +264,4 @@ def test_ensure_venv_is_idempotent_and_fast(local_server, argilla_venv):
     assert local_server.ensure_venv(REPO_ROOT) == argilla_venv
     assert time.monotonic() - started < 1.0
     assert local_server.venv_python(argilla_venv).exists()
+

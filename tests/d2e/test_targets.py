@@ -1,12 +1,10 @@
-"""Compiled YAML for both targets (Kubeflow, Vertex AI) and submission, checked on the real compiler output."""
+"""What differs per target (Kubeflow, Vertex AI), checked on the real compiler output; Vertex's secrets."""
 
-import json
 import re
 
 import pytest
 import yaml
 
-import pipeline
 from components.common import (
     GPU_STAGES,
     NETWORK_STAGES,
@@ -16,6 +14,9 @@ from components.common import (
     load_secret_into_env,
     stage_resources,
 )
+from components.load_docs import LoadDocsSettings
+from d2e import targets
+from pipeline import compile_pipeline
 from tests.conftest import PROJECT_ROOT
 
 PIPELINE_STAGES = STAGES
@@ -23,9 +24,9 @@ PIPELINE_STAGES = STAGES
 SECRET_PATTERNS = (r"sk-[A-Za-z0-9_-]{10,}", r"ya29\.", r"AIza[0-9A-Za-z_-]{20,}", r"-----BEGIN", r"Bearer [A-Za-z0-9]")
 
 
-@pytest.fixture(scope="module", params=pipeline.TARGETS)
+@pytest.fixture(scope="module", params=targets.TARGETS)
 def compiled(request, tmp_path_factory):
-    path = pipeline.compile_pipeline(tmp_path_factory.mktemp(request.param) / "p.yaml", request.param)
+    path = compile_pipeline(tmp_path_factory.mktemp(request.param) / "p.yaml", request.param)
     documents = list(yaml.safe_load_all(path.read_text()))
     return request.param, path.read_text(), documents[0], (documents[1] if len(documents) > 1 else {})
 
@@ -47,7 +48,7 @@ def test_gpu_only_on_gpu_stages_in_each_targets_form(compiled):
         if stage not in GPU_STAGES:
             assert accelerator is None, stage
         elif target == "vertex":
-            assert accelerator["resourceType"] == pipeline.VERTEX_ACCELERATOR == "NVIDIA_L4"
+            assert accelerator["resourceType"] == targets.VERTEX_ACCELERATOR == "NVIDIA_L4"
             assert accelerator["resourceCount"] == "1"
         else:
             # A pipeline parameter (default nvidia.com/gpu), so a cluster can name its own resource.
@@ -77,7 +78,7 @@ def test_resources_retries_and_caching_per_stage(compiled):
                                            "backoffMaxDuration": "600s", "maxRetryCount": 3}
         else:
             assert "retryPolicy" not in task
-        assert task.get("cachingOptions", {}).get("enableCache", False) == (stage in pipeline.CACHED_STAGES)
+        assert task.get("cachingOptions", {}).get("enableCache", False) == (stage in targets.CACHED_STAGES)
     # Vertex picks g2-standard-8 for one L4 with 8 vCPU / 32 GB; smaller limits would not fit that machine.
     assert stage_resources("embed_score")["cpu_limit"] == "8" and stage_resources("embed_score")["memory_limit"] == "32G"
 
@@ -87,10 +88,10 @@ def test_parameter_defaults_per_target(compiled):
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert parameters["llm"]["defaultValue"] == "openai:gpt-4o"
     assert parameters["embedding_model"]["defaultValue"] == "Snowflake/snowflake-arctic-embed-l"
-    assert parameters["dataset"]["defaultValue"] == pipeline.DEFAULT_HUB_DATASET
+    assert parameters["dataset"]["defaultValue"] == LoadDocsSettings().dataset
     if target == "vertex":
         assert parameters["openai_secret_resource"]["defaultValue"] == ""
-        assert not set(pipeline.KFP_ONLY_PARAMETERS) & set(parameters)
+        assert not set(targets.KFP_ONLY_PARAMETERS) & set(parameters)
     # Every pipeline parameter reaches the task that uses it (none silently replaced by its default).
     wired = {value.get("componentInputParameter") for task in spec["root"]["dag"]["tasks"].values()
              for value in task.get("inputs", {}).get("parameters", {}).values()}
@@ -117,15 +118,8 @@ def test_no_secret_value_in_yaml(compiled):
     assert not [name for name in parameters if re.search(r"api_?key|password|(^|_)token$", name.lower())]
     if target == "kfp":
         secret = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-generate-queries-component"]
-        assert secret["secretAsEnv"][0]["secretName"] == pipeline.OPENAI_SECRET_NAME
+        assert secret["secretAsEnv"][0]["secretName"] == targets.OPENAI_SECRET_NAME
         assert secret["secretAsEnv"][0]["optional"] is True
-
-
-@pytest.mark.parametrize("target,committed", [("kfp", "pipeline.yaml"), ("vertex", "pipeline-vertex.yaml")])
-def test_committed_yaml_is_fresh(target, committed, tmp_path):
-    fresh = pipeline.compile_pipeline(tmp_path / committed, target).read_text()
-    assert list(yaml.safe_load_all((PROJECT_ROOT / committed).read_text())) == list(yaml.safe_load_all(fresh)), (
-        f"{committed} is stale: run `make compile` and commit it")
 
 
 def test_image_registry_and_version_can_be_overridden_at_compile_time(tmp_path):
@@ -138,85 +132,6 @@ def test_image_registry_and_version_can_be_overridden_at_compile_time(tmp_path):
     assert out.returncode == 0, out.stderr
     spec = yaml.safe_load((tmp_path / "v.yaml").read_text())
     assert executor(spec, "embed_score")["image"] == "europe-docker.pkg.dev/p/r/embed-score:abc1234"
-
-
-# ---- Submission ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def service_account_key(tmp_path, monkeypatch):
-    """A syntactically real service-account key file (fresh RSA key), so google.auth loads real credentials."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
-    path = tmp_path / "sa.json"
-    path.write_text(json.dumps({
-        "type": "service_account", "project_id": "test-project", "private_key_id": "0", "private_key": pem,
-        "client_email": "runner@test-project.iam.gserviceaccount.com", "client_id": "1",
-        "token_uri": "https://oauth2.googleapis.com/token"}))
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
-    return path
-
-
-def test_vertex_submit_builds_the_job_and_replaces_only_the_api_call(service_account_key, monkeypatch, capsys):
-    from google.cloud import aiplatform
-
-    submitted = {}
-
-    def fake_submit(job, **kwargs):  # the outermost call: it would create the run on Vertex AI
-        submitted["job"], submitted["kwargs"] = job, kwargs
-
-    monkeypatch.setattr(aiplatform.PipelineJob, "submit", fake_submit)
-    monkeypatch.setattr(aiplatform.PipelineJob, "resource_name", "projects/test-project/pipelineJobs/x", raising=False)
-    code = pipeline.main([
-        "submit", "--target", "vertex", "--project", "test-project", "--region", "europe-west4",
-        "--pipeline-root", "gs://bucket/root", "--service-account", "runner@test-project.iam.gserviceaccount.com",
-        "--label", "team=docs", "--label", "env=dev", "--param", "limit=5", "--param", "dataset=gs://bucket/chunks",
-        "--param", "openai_secret_resource=projects/test-project/secrets/openai-api-key/versions/latest",
-        "--display-name", "nightly"])
-    assert code == 0, capsys.readouterr().err
-    job, kwargs = submitted["job"], submitted["kwargs"]
-    assert kwargs["service_account"] == "runner@test-project.iam.gserviceaccount.com"
-    request = job._gca_resource
-    assert request.display_name == "nightly"
-    assert dict(request.labels) == {"team": "docs", "env": "dev"}
-    assert request.runtime_config.gcs_output_directory == "gs://bucket/root"
-    values = {key: value for key, value in request.runtime_config.parameter_values.items()}
-    assert values["limit"] == 5 and values["dataset"] == "gs://bucket/chunks"
-    assert values["openai_secret_resource"].endswith("/secrets/openai-api-key/versions/latest")
-    # The template is the Vertex compile: L4 on embed_score, every stage's image.
-    from google.protobuf import json_format
-
-    template = json_format.MessageToDict(request._pb.pipeline_spec)
-    executors = template["deploymentSpec"]["executors"]
-    assert executors["exec-embed-score-component"]["container"]["resources"]["accelerator"]["resourceType"] == "NVIDIA_L4"
-    assert {e["container"]["image"] for e in executors.values()} == {STAGE_IMAGES[s] for s in PIPELINE_STAGES}
-    assert template["pipelineInfo"]["name"] == pipeline.PIPELINE_NAME
-    assert "projects/test-project/pipelineJobs/x" in capsys.readouterr().out
-
-
-def test_vertex_submit_says_what_is_missing(tmp_path, monkeypatch, capsys):
-    assert pipeline.main(["submit", "--target", "vertex", "--project", "p"]) == 2
-    assert "--region, --pipeline-root, --service-account" in capsys.readouterr().err
-    assert pipeline.main(["submit", "--target", "vertex", "--project", "p", "--region", "r", "--pipeline-root",
-                          "/tmp/x", "--service-account", "s"]) == 2
-    assert "gs:// URI" in capsys.readouterr().err
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
-    assert pipeline.main(["submit", "--target", "vertex", "--project", "p", "--region", "r", "--pipeline-root",
-                          "gs://b/r", "--service-account", "s"]) == 2
-    assert "No Google Cloud credentials" in capsys.readouterr().err
-    assert pipeline.main(["submit", "--target", "vertex", "--project", "p", "--region", "r", "--pipeline-root",
-                          "gs://b/r", "--service-account", "s", "--param", "novalue"]) == 2
-    assert "not KEY=VALUE" in capsys.readouterr().err
-
-
-def test_kfp_submit_needs_a_host(monkeypatch, capsys):
-    monkeypatch.delenv("KFP_HOST", raising=False)
-    assert pipeline.main(["submit", "--target", "kfp"]) == 2
-    assert "--host" in capsys.readouterr().err
 
 
 # ---- Secret Manager on Vertex -------------------------------------------------------------------------------
@@ -243,3 +158,10 @@ def test_secret_manager_value_goes_to_env_only(monkeypatch):
     assert load_secret_into_env("", "D2E_TEST_KEY") is False and "D2E_TEST_KEY" not in os.environ
     with pytest.raises(StageError, match="not a Secret Manager name"):
         load_secret_into_env("sk-abc", "D2E_TEST_KEY")
+
+
+def test_an_unknown_target_names_the_known_ones():
+    from pipeline import build_pipeline
+
+    with pytest.raises(StageError, match="Unknown target 'azure'; use one of kfp, vertex"):
+        build_pipeline("azure")

@@ -8,8 +8,10 @@ import sys
 import pytest
 import yaml
 
-import pipeline
 from components.common import IMAGE_VERSION, STAGE_IMAGES
+from d2e.manifests import GENERATED_MANIFEST, pipeline_version_name, write_manifests
+from d2e.targets import OPENAI_SECRET_NAME
+from pipeline import PIPELINE_NAME
 from tests.conftest import PROJECT_ROOT
 
 MANIFESTS = PROJECT_ROOT / "manifests"
@@ -20,14 +22,14 @@ KUBECTL = shutil.which("kubectl")
 
 def test_committed_manifests_equal_a_fresh_compile(tmp_path):
     """Like ilab-on-ocp: the committed Pipeline/PipelineVersion must equal a fresh compile (run `make manifests`)."""
-    fresh = pipeline.write_manifests(tmp_path / "pipeline.yaml").read_text()
-    committed = pipeline.GENERATED_MANIFEST.read_text()
+    fresh = write_manifests(tmp_path / "pipeline.yaml").read_text()
+    committed = GENERATED_MANIFEST.read_text()
     assert list(yaml.safe_load_all(committed)) == list(yaml.safe_load_all(fresh)), (
         "manifests/base/pipeline.yaml is stale: run `make manifests` and commit it")
 
 
 def test_pipeline_and_version_resources_are_well_formed():
-    documents = list(yaml.safe_load_all(pipeline.GENERATED_MANIFEST.read_text()))
+    documents = list(yaml.safe_load_all(GENERATED_MANIFEST.read_text()))
     by_kind = {document["kind"]: document for document in documents}
     assert set(by_kind) == {"Pipeline", "PipelineVersion"}
     for document in documents:
@@ -36,24 +38,24 @@ def test_pipeline_and_version_resources_are_well_formed():
         assert document["spec"]
     pipeline_name = by_kind["Pipeline"]["metadata"]["name"]
     version = by_kind["PipelineVersion"]
-    assert pipeline_name == pipeline.PIPELINE_NAME
+    assert pipeline_name == PIPELINE_NAME
     assert version["spec"]["pipelineName"] == pipeline_name
     # A PipelineVersion is immutable: its name carries the image version, so new images mean a new version.
-    assert version["metadata"]["name"] == pipeline.pipeline_version_name(IMAGE_VERSION)
+    assert version["metadata"]["name"] == pipeline_version_name(IMAGE_VERSION)
     assert IMAGE_VERSION.replace(".", "-") in version["metadata"]["name"]
     spec = version["spec"]["pipelineSpec"]
-    assert spec["pipelineInfo"]["name"] == pipeline.PIPELINE_NAME
+    assert spec["pipelineInfo"]["name"] == PIPELINE_NAME
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images <= set(STAGE_IMAGES.values()) and len(images) == len(spec["deploymentSpec"]["executors"])
     assert all(image.endswith(f":{IMAGE_VERSION}") for image in images)
     platform = version["spec"]["platformSpec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert platform["exec-generate-queries-component"]["secretAsEnv"][0]["secretName"] == pipeline.OPENAI_SECRET_NAME
+    assert platform["exec-generate-queries-component"]["secretAsEnv"][0]["secretName"] == OPENAI_SECRET_NAME
 
 
 def test_version_names_are_valid_for_git_sha_and_semver():
-    assert pipeline.pipeline_version_name("0.1.0") == "docs-to-embedding-data-v0-1-0"
-    assert pipeline.pipeline_version_name("ABC1234_dirty") == "docs-to-embedding-data-vabc1234-dirty"
-    assert DNS_1123.match(pipeline.pipeline_version_name("1" * 100))
+    assert pipeline_version_name("0.1.0") == "docs-to-embedding-data-v0-1-0"
+    assert pipeline_version_name("ABC1234_dirty") == "docs-to-embedding-data-vabc1234-dirty"
+    assert DNS_1123.match(pipeline_version_name("1" * 100))
 
 
 def kustomize(overlay):

@@ -1,0 +1,169 @@
+"""`pipeline.py run`: the whole pipeline on this machine with kfp.local, publishing into a local Argilla.
+
+Every stage runs as a subprocess of this Python, running the same code the cluster images run. The settings arrive
+already range-checked (`d2e/cli.py`); this module turns them into what a local run needs (absolute paths, the
+project's own docs as the default dataset, outputs under --output-dir) and prints what came out.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from components.common import EMBEDDED_EMBEDDING_MODEL, SPLITS, StageError, read_json
+from components.evaluate import format_table
+from components.generate_queries import LOCAL_LLM
+from components.publish import ARGILLA_API_KEY_ENV
+from d2e.parameters import group_specs
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The local Argilla that `run` starts (loopback only; its login is for this machine alone).
+LOCAL_ARGILLA_DATA = PROJECT_ROOT / ".argilla-data"
+LOCAL_ARGILLA_PORT = 6900
+# The model names that mean the embedded 135M LLM, whose local failure-rate default is the lenient one.
+EMBEDDED_LLMS = (LOCAL_LLM, "embedded")
+
+
+def is_local_path(value: str) -> bool:
+    """A path that exists on this machine (not a URI, not a Hub id)."""
+    return "://" not in value and Path(value).expanduser().exists()
+
+
+def absolute(value: str) -> str:
+    """An existing local path made absolute (the stages run in other working folders); anything else unchanged."""
+    return str(Path(value).expanduser().resolve()) if is_local_path(value) else value
+
+
+def llm_cache_uri(values: dict, no_cache: bool) -> str:
+    """The LLM cache a local command uses: none, a gs:// prefix, or an absolute folder."""
+    cache = values["llm_cache_uri"]
+    if no_cache or not cache:
+        return ""
+    return cache if "://" in cache else str(Path(cache).expanduser().resolve())
+
+
+def local_values(values: dict, given: set, output_dir: Path, no_cache: bool) -> dict:
+    """The pipeline arguments of a local run, from the settings' values and the flags given."""
+    values = dict(values, output_uri=str(output_dir), llm_cache_uri=llm_cache_uri(values, no_cache))
+    values["dataset"] = absolute(values["dataset"] or str(PROJECT_ROOT))
+    values["embedding_model"] = absolute(values["embedding_model"])
+    if "max_failure_rate" not in given and values["llm"] not in EMBEDDED_LLMS:
+        # The lenient local default is for the embedded 135M model; any other LLM gets the cluster's tolerance.
+        values["max_failure_rate"] = next(spec.default for spec in group_specs() if spec.name == "max_failure_rate")
+    if not values["model_export_uri"]:
+        values["model_export_uri"] = str(output_dir / "model")
+        # A previous run's exported model: leaving it would pass it off as this run's winner.
+        shutil.rmtree(output_dir / "model", ignore_errors=True)
+    return values
+
+
+def prepare_environment(values: dict) -> None:
+    """The stage subprocesses import this project's `components`; with everything on disk, nothing reaches the Hub."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    model = values["embedding_model"]
+    if is_local_path(values["dataset"]) and (model == EMBEDDED_EMBEDDING_MODEL or is_local_path(model)):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def run_locally(values: dict, given: set, args: argparse.Namespace) -> int:
+    """Run the whole pipeline with kfp.local; every stage runs as a subprocess of this Python."""
+    from kfp import local
+
+    from d2e.parameters import pipeline_specs
+    from pipeline import PIPELINE_NAME, docs_to_embedding_data
+
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pipeline_root = output_dir / ".kfp"
+    values = local_values(values, given, output_dir, args.no_llm_cache)
+    prepare_environment(values)
+    argilla = prepare_argilla(values["argilla_url"], args)
+    values["argilla_url"] = argilla["url"] if argilla else ""
+
+    print(f"Running {PIPELINE_NAME} locally\n  dataset: {values['dataset']}\n  llm: {values['llm']}\n  embedding "
+          f"model: {values['embedding_model']}\n  LLM cache: {values['llm_cache_uri'] or 'off'}\n  output: "
+          f"{output_dir}", flush=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    started = time.time()
+    # The cluster-only settings (GPU request, secret names) mean nothing to kfp.local: their defaults stay.
+    cluster_only = {spec.name for spec in group_specs("target")}
+    try:
+        docs_to_embedding_data(**{spec.name: values[spec.name] for spec in pipeline_specs("kfp")
+                                  if spec.name not in cluster_only})
+    except RuntimeError as error:
+        print(f"\nThe pipeline stopped: {error}\nThe failing stage's log above says what to fix. Finished stages "
+              f"keep their outputs under {pipeline_root}.", file=sys.stderr)
+        return 1
+    print_summary(output_dir, time.time() - started)
+    print_publish_summary(values, argilla)
+    return 0
+
+
+def prepare_argilla(argilla_url: str, args: argparse.Namespace) -> dict | None:
+    """Where the publish stage sends records: argilla_url, nothing (--no-argilla), or a local Argilla we start.
+
+    The API key reaches the stage subprocesses through ARGILLA_API_KEY in the environment, never a parameter.
+    """
+    import services.argilla as local_argilla
+
+    if args.no_argilla:
+        return None
+    if argilla_url:
+        if not os.environ.get(ARGILLA_API_KEY_ENV):
+            raise StageError(f"--argilla-url {argilla_url} needs its API key in the {ARGILLA_API_KEY_ENV} "
+                             "environment variable.")
+        return {"url": argilla_url, "local": False}
+    data_dir = Path(args.argilla_data_dir).expanduser().resolve()
+    info = local_argilla.read_running(data_dir)
+    if info is None:
+        print(f"Starting the local Argilla (data in {data_dir}; first time: ~1 min to create .venv-argilla) ...",
+              flush=True)
+        try:
+            venv = local_argilla.ensure_venv(PROJECT_ROOT)
+            port = args.argilla_port
+            if port and local_argilla.port_in_use("127.0.0.1", port):
+                port = 0  # something else holds the usual port: take a free one
+            local_argilla.start_local_argilla(data_dir, port=port, venv=venv, detach=True)
+        except local_argilla.LocalArgillaError as error:
+            raise StageError(f"The local Argilla did not start: {error}\nRun without it: --no-argilla.") from error
+        info = local_argilla.read_running(data_dir)
+    os.environ[ARGILLA_API_KEY_ENV] = info["api_key"]
+    return {**info, "local": True, "data_dir": str(data_dir)}
+
+
+def print_publish_summary(values: dict, argilla: dict | None) -> None:
+    """Where the dataset was published, and how to browse the local Argilla."""
+    if argilla and argilla["local"]:
+        print(f"\nArgilla (local, loopback only): {argilla['url']}  dataset {values['argilla_dataset']!r}\n"
+              f"  login: {argilla['username']} / {argilla['password']}\n"
+              f"  still running; stop it with `make argilla-stop`, serve it again with `make argilla-ui`.")
+    elif argilla:
+        print(f"\nArgilla: published to {argilla['url']} as dataset {values['argilla_dataset']!r}")
+    else:
+        print("\nArgilla: skipped (--no-argilla)")
+    hub, export = values["hub_repo"], values["export_uri"]
+    print(f"Hugging Face Hub: {'pushed to ' + hub if hub else 'skipped (no --hub-repo)'}")
+    print(f"Object storage: {'exported to ' + export if export else 'skipped (no --export-uri)'}")
+
+
+def print_summary(output_dir: Path, seconds: float) -> None:
+    """The outputs, the generation counts and the retrieval table of a finished run."""
+    metrics = read_json(output_dir / "metrics.json")
+    print(f"\nDone in {seconds:.0f} s. Outputs in {output_dir}:")
+    for split in SPLITS:
+        print(f"  {output_dir / f'{split}.parquet'}  ({metrics[f'{split}_rows']} rows)")
+    print(f"  {output_dir / 'report.md'}  (also report.html, similarity_histograms.png, metrics.json)")
+    print(f"Generation: {metrics['generation_generated']} generated, {metrics['generation_cached']} from cache, "
+          f"{metrics['generation_failed']} failed; {metrics['generation_llm_requests']} LLM requests "
+          f"({metrics.get('generation_llm_retries', 0)} retries); {metrics['generation_prompt_tokens']} prompt + "
+          f"{metrics['generation_completion_tokens']} completion tokens; estimated cost "
+          + (f"${metrics['generation_estimated_cost_usd']:.4f}." if "generation_estimated_cost_usd" in metrics
+             else "unknown (no price for this model: --llm-prices)."))
+    evaluation = read_json(output_dir / "evaluation.json")
+    counts = evaluation["counts"]
+    print(f"\nRetrieval, base vs finetuned ({counts['queries']} test queries, corpus of {counts['corpus']} chunks; "
+          f"{output_dir / 'evaluation.json'}, evaluation.md/.html):\n{format_table(evaluation)}\n"
+          f"{evaluation['gate']['reason']}\nResult model: {evaluation['result_model']}")

@@ -1,0 +1,126 @@
+"""The local run (`pipeline.py run`): what it makes of the settings, and the whole pipeline end to end by kfp.local."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from components.common import OUTPUT_COLUMNS
+from d2e import parameters
+from d2e.cli import build_parser, setting_values
+from d2e.local_run import local_values
+from tests.conftest import PROJECT_ROOT
+
+
+def settings_of(*argv):
+    return setting_values(build_parser().parse_args(["run", *argv]), tuple(parameters.GROUPS))
+
+
+def test_local_run_defaults_to_this_projects_docs_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    values = local_values(*settings_of("--embedding-model", "model", "--llm-cache-uri", "cache"), tmp_path / "out",
+                          no_cache=False)
+    assert values["dataset"] == str(PROJECT_ROOT)
+    assert values["embedding_model"] == str(tmp_path / "model")
+    assert values["llm_cache_uri"] == str(tmp_path / "cache")
+    assert values["output_uri"] == str(tmp_path / "out")
+    assert values["model_export_uri"] == str(tmp_path / "out" / "model")
+    assert local_values(*settings_of("--llm-cache-uri", "gs://b/p"), tmp_path, no_cache=False)["llm_cache_uri"] == (
+        "gs://b/p")
+    assert local_values(*settings_of(), tmp_path, no_cache=True)["llm_cache_uri"] == ""
+
+
+def test_the_lenient_failure_rate_is_for_the_embedded_model_only(tmp_path):
+    assert local_values(*settings_of(), tmp_path, False)["max_failure_rate"] == 0.25
+    assert local_values(*settings_of("--llm", "openai:gpt-4o"), tmp_path, False)["max_failure_rate"] == 0.05
+    given = settings_of("--llm", "openai:gpt-4o", "--max-failure-rate", "0.3")
+    assert local_values(*given, tmp_path, False)["max_failure_rate"] == 0.3
+
+
+def test_a_previous_runs_model_is_removed_unless_the_export_goes_elsewhere(tmp_path):
+    (tmp_path / "model").mkdir()
+    local_values(*settings_of("--model-export-uri", str(tmp_path / "elsewhere")), tmp_path, False)
+    assert (tmp_path / "model").is_dir()
+    local_values(*settings_of(), tmp_path, False)
+    assert not (tmp_path / "model").exists()
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "pipeline.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_local_run_end_to_end_then_served_from_cache(tmp_path, small_chunks, local_server, argilla_venv):
+    """Two runs: the second is served from the LLM cache and re-publishes into the local Argilla without duplicates."""
+    argilla_data = tmp_path / "argilla"
+    args = ["run", "--dataset", str(small_chunks), "--output-dir", str(tmp_path / "out"),
+            "--llm-cache-uri", str(tmp_path / "cache"), "--max-failure-rate", "0.5",
+            "--argilla-data-dir", str(argilla_data), "--argilla-port", "0", "--argilla-dataset", "e2e"]
+    try:
+        _run_twice_and_check(args, tmp_path, argilla_data, local_server)
+    finally:
+        local_server.stop_local_argilla(argilla_data)
+
+
+def _argilla_records(local_server, argilla_data) -> list:
+    import argilla as rg
+
+    info = local_server.read_running(argilla_data)
+    assert info is not None, "the local Argilla should still be running for browsing"
+    client = rg.Argilla(api_url=info["url"], api_key=info["api_key"])
+    return list(client.datasets(name="e2e").records(with_vectors=True))
+
+
+def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    info = local_server.read_running(argilla_data)
+    assert f"Argilla (local, loopback only): {info['url']}" in first.stdout
+    assert f"login: {info['username']} / {info['password']}" in first.stdout
+    assert "Hugging Face Hub: skipped" in first.stdout and "Object storage: skipped" in first.stdout
+    records = _argilla_records(local_server, argilla_data)
+    assert len(records) == 5
+    assert sorted(r.metadata["split"] for r in records) == ["test", "test", "train", "train", "train"]
+    assert all(len(r.vectors["anchor-vector"]) == 384 for r in records)
+    assert f"{tmp_path / 'out' / 'train.parquet'}  (3 rows)" in first.stdout
+    for split, rows in (("train", 3), ("test", 2)):
+        frame = pd.read_parquet(tmp_path / "out" / f"{split}.parquet")
+        assert len(frame) == rows
+        assert tuple(frame.columns[: len(OUTPUT_COLUMNS)]) == OUTPUT_COLUMNS
+        for column in ("similarity-positive-negative", "similarity-anchor-positive", "similarity-anchor-negative"):
+            assert frame[column].dropna().between(-1, 1).all()
+        assert frame["anchor-vector"].map(len).eq(384).all()
+    assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "report.md").exists()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["generation_llm_requests"] > 0
+    evaluation = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert evaluation["dims"] == [384, 256, 128, 64]
+    for model in ("base", "finetuned"):
+        assert set(evaluation["models"][model]["metrics"]) == {"384", "256", "128", "64"}
+    assert "Retrieval, base vs finetuned" in first.stdout and evaluation["gate"]["reason"] in first.stdout
+    assert (tmp_path / "out" / "model").is_dir() == evaluation["gate"]["finetuned_wins"]
+
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["generation_llm_requests"] == 0
+    assert metrics["generation_cached"] == 5 - metrics["generation_failed"]
+    assert sorted(r.id for r in _argilla_records(local_server, argilla_data)) == sorted(r.id for r in records)
+
+
+@pytest.mark.slow
+def test_local_run_with_bad_input_stops_with_the_reason(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    pd.DataFrame({"text": ["a chunk"]}).to_parquet(folder / "train.parquet")
+    result = run_cli("run", "--dataset", str(folder), "--output-dir", str(tmp_path / "out"), "--no-llm-cache",
+                     "--no-argilla")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "has no text column 'page_content'. Columns found: ['text']" in output
+    assert "The pipeline stopped" in output
