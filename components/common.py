@@ -5,6 +5,7 @@ Stages never import each other; anything two stages need lives here, and only th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -218,6 +219,11 @@ def resolve_embedding_model(name: str) -> tuple[str, str]:
 MATRYOSHKA_CANDIDATE_DIMS: tuple[int, ...] = (768, 512, 256, 128, 64)
 GENERATION_STATUS = "generation_status"
 CHUNK_ID = "chunk_id"
+
+
+def chunk_id(text: str) -> str:
+    """A content-derived id: re-loading the same chunk gives the same id."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def matryoshka_dims(full_dimension: int) -> list[int]:

@@ -66,7 +66,7 @@ def fast_settings(tmp_path: Path, **overrides) -> GenerationSettings:
     """Small timeouts so fault tests take seconds."""
     values = dict(llm="openai:test-model", llm_cache_uri=str(tmp_path / "cache"), llm_concurrency=8,
                   generation_batch_size=8, llm_request_timeout=1.0, llm_max_retries=6, llm_prices=TEST_PRICES,
-                  max_failure_rate=0.05)
+                  max_failure_rate=0.05, queries_per_chunk=1)
     values.update(overrides)
     return GenerationSettings(**values)
 
@@ -195,6 +195,22 @@ def test_third_of_requests_failing_run_completes_and_reports(tmp_path, chunks_40
     assert server.log[0]["response_format"] == {"type": "json_object", "schema": OUTPUT_SCHEMA}
 
 
+def test_several_queries_per_chunk_one_per_style_each_cached_apart(tmp_path, chunks_6, openai_server):
+    server = openai_server(script=always("ok"))
+    settings = fast_settings(tmp_path, queries_per_chunk=3, query_styles="question,keywords,statement")
+    stats = generate(chunks_6, tmp_path / "out", settings)
+    rows = read_rows(tmp_path / "out")
+    assert stats["rows"] == 18 and stats["generated"] == 18 and len(server.log) == 18
+    assert list(rows["query_style"][:3]) == ["question", "keywords", "statement"]
+    assert (rows.groupby("chunk_id")["query_style"].nunique() == 3).all()
+    assert rows.loc[rows["query_style"] == "question", "positive"].str.endswith("?").all()
+    assert not rows.loc[rows["query_style"] == "keywords", "positive"].str.contains("?", regex=False).any()
+    # Each style is its own cache entry: a re-run asks for nothing, and one style more asks only for that style.
+    assert generate(chunks_6, tmp_path / "again", settings)["cached"] == 18 and len(server.log) == 18
+    four = fast_settings(tmp_path, queries_per_chunk=4, query_styles="question,keywords,statement")
+    assert generate(chunks_6, tmp_path / "four", four)["generated"] == 6 and len(server.log) == 24
+
+
 def test_answers_missing_the_negative_are_regenerated(tmp_path, chunks_6, openai_server):
     seen = set()
 
@@ -274,7 +290,7 @@ def test_second_run_on_a_clean_disk_with_the_same_gcs_cache_sends_no_request(tmp
 KILLED_RUN = """
 import sys
 from components.generate_queries import GenerationSettings, generate_queries
-settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], llm_concurrency=2,
+settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], queries_per_chunk=1, llm_concurrency=2,
                               generation_batch_size=4, llm_request_timeout=5.0, max_failure_rate=0.0)
 generate_queries(sys.argv[1], sys.argv[3], settings)
 """
@@ -362,7 +378,7 @@ def test_batch_api_needs_a_cache_for_its_job_ids(tmp_path, chunks_6, openai_serv
 SECRET_RUN = """
 import sys
 from components.generate_queries import GenerationSettings, GenerationTuning, generate_queries
-settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], llm_concurrency=4,
+settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], queries_per_chunk=1, llm_concurrency=4,
                               llm_request_timeout=1.0, max_failure_rate=0.0)
 stats = generate_queries(sys.argv[1], sys.argv[3], settings, GenerationTuning(retry_base_delay=0.1))
 print("retries", stats["llm_retries"])
@@ -435,7 +451,7 @@ def test_estimate_command_line(tmp_path):
 def test_openai_path_against_llama_cpp_server(tmp_path, chunks_6, llama_cpp_server, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", llama_cpp_server.base_url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    settings = GenerationSettings(llm="openai:smollm2", llm_cache_uri=str(tmp_path / "cache"), llm_concurrency=2,
+    settings = GenerationSettings(llm="openai:smollm2", llm_cache_uri=str(tmp_path / "cache"), queries_per_chunk=1, llm_concurrency=2,
                                   max_failure_rate=1.0)
     stats = generate_queries(chunks_6, tmp_path / "out", settings)
     rows = read_rows(tmp_path / "out")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 FAULTS = ("ok", "429", "500", "hang", "malformed", "drop", "missing_negative", "401")
-_ANCHOR = re.compile(r"## Anchor\s*(.*)$", re.DOTALL)
+_ANCHOR = re.compile(r"Excerpt:\s*(.*)$", re.DOTALL)
 
 
 def free_port() -> int:
@@ -49,13 +49,29 @@ def anchor_of(body: dict) -> str:
 
 
 def anchor_id(anchor: str) -> str:
-    return hashlib.sha256(anchor.encode()).hexdigest()[:12]
+    """A short id of a chunk; the prompt shows the chunk with its whitespace collapsed, so ids ignore whitespace."""
+    return hashlib.sha256(" ".join(anchor.split()).encode()).hexdigest()[:12]
 
 
-def good_reply(anchor: str) -> dict:
-    """A pair that passes validation: a question made of the anchor's words, and an unrelated one."""
+def style_of(body: dict) -> str:
+    """The query style a request asks for, read from its system prompt (see templates/styles.json)."""
+    system = next((m["content"] for m in body.get("messages", []) if m.get("role") == "system"), "")
+    if "keyword search" in system:
+        return "keywords"
+    if "one sentence in which a user" in system:
+        return "statement"
+    return "question"
+
+
+def good_reply(anchor: str, style: str = "question") -> dict:
+    """A pair that passes validation in `style`: a query made of the anchor's words, and an unrelated one."""
     words = re.findall(r"[A-Za-z]{4,}", anchor)[:6] or ["this", "page"]
     tag = anchor_id(anchor)
+    if style == "keywords":
+        return {"positive": " ".join(words[:4]).lower(), "negative": f"sourdough rye bread {tag}"}
+    if style == "statement":
+        return {"positive": f"I want to know about {' '.join(words)}.",
+                "negative": f"I need a sourdough bread recipe with rye flour {tag}."}
     return {"positive": f"What about {' '.join(words)}?",
             "negative": f"How do I bake sourdough bread with rye flour, recipe {tag}?"}
 
@@ -178,7 +194,7 @@ class FaultyOpenAIServer:
                     return None
                 if fault == "malformed":
                     return self._send(200, b'{"id": "chatcmpl-broken", "choices": [{"message": ')
-                reply = good_reply(anchor)
+                reply = good_reply(anchor, style_of(body))
                 if fault == "missing_negative":
                     reply = {"positive": reply["positive"]}
                 content = json.dumps(reply)
@@ -214,7 +230,7 @@ class FaultyOpenAIServer:
                 anchor = anchor_of(request["body"])
                 self.log.append({"number": number, "fault": fault, "anchor": anchor_id(anchor),
                                  "response_format": request["body"].get("response_format"), "batch": batch_id})
-                reply = good_reply(anchor)
+                reply = good_reply(anchor, style_of(request["body"]))
                 if fault == "missing_negative":
                     reply = {"positive": reply["positive"]}
                 if fault in ("ok", "missing_negative"):
