@@ -18,10 +18,10 @@ from components.embed_score import embed_score_component
 from components.evaluate import evaluate_component
 from components.export import export_component
 from components.finetune import finetune_component
+from components.generate_queries import generate_queries_component
 from components.load_docs import load_docs_component
 from components.publish import publish_component
 from components.report import report_component
-from components.generate_queries import generate_queries_component
 from d2e.parameters import pipeline_signature, stage_arguments
 from d2e.targets import check_target, configure_task, generation_secret_arguments, mount_secrets, request_gpu
 

@@ -23,9 +23,9 @@ from components.common import (
     SIM_POS_NEG,
     get_logger,
     is_text,
-    stage_component,
     read_splits,
     resolve_embedding_model,
+    stage_component,
     write_json,
     write_splits,
 )
@@ -44,6 +44,7 @@ class EmbedScoreSettings:
 
 
 def pick_device(requested: str = "auto") -> str:
+    """`cuda` when asked for or (with `auto`) when a GPU is present, else `cpu`."""
     if requested != "auto":
         return requested
     import torch
@@ -98,8 +99,8 @@ def score_frame(frame, index: dict[str, int], vectors, model) -> Any:
     frame[SIM_ANCHOR_POS] = similarity(anchors, positives)
     frame[SIM_ANCHOR_NEG] = similarity(anchors, negatives)
     frame[ANCHOR_VECTOR] = [vectors[i].tolist() for i in anchors]
-    tokenizer = model.tokenizer
-    counts = [len(ids) for ids in tokenizer(list(frame[ANCHOR]), add_special_tokens=True)["input_ids"]] if len(frame) else []
+    anchor_texts = list(frame[ANCHOR])
+    counts = [len(ids) for ids in model.tokenizer(anchor_texts, add_special_tokens=True)["input_ids"]] if len(frame) else []
     frame["token_count"] = np.array(counts, dtype=np.int64)
     frame["exceeds_model_window"] = frame["token_count"] > model.max_seq_length
     return frame
@@ -141,7 +142,8 @@ def embed_score(
             split_stats[column] = {"mean": float(values.mean()) if len(values) else None, "count": int(len(values))}
         if len(frame):
             both = frame[[SIM_ANCHOR_POS, SIM_ANCHOR_NEG]].dropna()
-            split_stats["positive_closer_than_negative"] = float(np.mean(both[SIM_ANCHOR_POS] > both[SIM_ANCHOR_NEG])) if len(both) else None
+            closer = both[SIM_ANCHOR_POS] > both[SIM_ANCHOR_NEG]
+            split_stats["positive_closer_than_negative"] = float(np.mean(closer)) if len(both) else None
         stats["splits"][split] = split_stats
     write_json(Path(output_dir) / "stats.json", stats)
     log.info("scored %s rows with %s on %s (dimension %d, %d distinct texts)",

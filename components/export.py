@@ -20,8 +20,8 @@ from components.common import (
     read_splits,
     stage_component,
 )
-from components.storage import write_results
 from components.settings import setting
+from components.storage import write_results
 
 log = get_logger("export")
 

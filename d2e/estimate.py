@@ -5,8 +5,8 @@ import json
 import os
 import tempfile
 
-from components.load_docs import load_docs
 from components.generate_queries import GenerationSettings, estimate_generation
+from components.load_docs import load_docs
 from components.settings import build, specs
 from d2e.local_run import PROJECT_ROOT, llm_cache_uri
 

@@ -10,10 +10,10 @@ from components.embed_score import EmbedScoreSettings
 from components.evaluate import EvaluateSettings
 from components.export import ExportSettings
 from components.finetune import FinetuneSettings
+from components.generate_queries import GenerationSettings
 from components.load_docs import LoadDocsSettings
 from components.publish import PublishSettings
 from components.settings import SettingSpec, specs
-from components.generate_queries import GenerationSettings
 from d2e.targets import TargetSettings, hidden_parameters
 
 # (group, settings class) in the order the parameters appear in the KFP UI: what a run reads first comes first.

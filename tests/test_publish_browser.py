@@ -8,8 +8,8 @@ import uuid
 import pandas as pd
 import pytest
 
-from components.publish import load_frames, publish_to_argilla
 from components.common import write_splits
+from components.publish import load_frames, publish_to_argilla
 from tests.components.test_publish import scored_frame
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

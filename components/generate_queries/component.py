@@ -33,7 +33,7 @@ def generate_queries_component(
     triplets: Output[Dataset],
     openai_secret_resource: str = "",
 ):
-    """Generate `queries_per_chunk` (positive, negative) query pairs per chunk with distilabel's GenerateSentencePair."""
+    """Generate `queries_per_chunk` (positive, negative) pairs per chunk with distilabel's GenerateSentencePair."""
     arguments = dict(locals())  # first, while the arguments are the only locals
     from components.common import load_secret_into_env
     from components.generate_queries import GenerationSettings, generate_queries

@@ -6,8 +6,8 @@ import tempfile
 from typing import Any, Optional
 
 from components.common import StageError, read_splits
-from components.generate_queries.prompts import STYLE_COLUMN, parse_styles, query_rows
 from components.generate_queries.llm import LLMSpec, parse_llm_spec
+from components.generate_queries.prompts import STYLE_COLUMN, parse_styles, query_rows
 from components.generate_queries.settings import GenerationSettings
 
 # What a reply costs in tokens, for the estimate mode: two short questions in a JSON object.
@@ -17,7 +17,8 @@ BATCH_DISCOUNT = 0.5  # the Batch API bills half the synchronous price
 ESTIMATE_ONLY_KEY = "estimate-only-no-requests"
 
 # US$ per 1M tokens (prompt, completion), OpenAI list prices for standard (synchronous) requests. Prices change:
-# override or extend with --llm-prices / the `llm_prices` parameter, e.g. '{"gpt-4o": [2.5, 10]}'. Local models are free.
+# override or extend with --llm-prices / the `llm_prices` parameter, e.g. '{"gpt-4o": [2.5, 10]}'.
+# Local models are free.
 PRICES_PER_MILLION_TOKENS: dict[str, tuple[float, float]] = {
     "gpt-4o": (2.50, 10.00),
     "gpt-4o-mini": (0.15, 0.60),
@@ -31,7 +32,7 @@ PRICES_PER_MILLION_TOKENS: dict[str, tuple[float, float]] = {
 
 
 def price_table(overrides: Optional[dict[str, Any]] = None) -> dict[str, tuple[float, float]]:
-    """The list prices with `overrides` ({"model": [prompt, completion]} or {"prompt": .., "completion": ..}) applied."""
+    """The list prices with `overrides` applied ({"model": [prompt, completion]} or {"prompt": .., "completion": ..})."""
     table = dict(PRICES_PER_MILLION_TOKENS)
     for model, price in (overrides or {}).items():
         if isinstance(price, dict):

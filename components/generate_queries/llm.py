@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 from components.common import StageError
-from components.generate_queries.settings import DEFAULT_REQUEST_TIMEOUT, EMBEDDED_LLM_NAMES, JSON_MODES, LOCAL_LLM
 from components.generate_queries.prompts import output_schema
+from components.generate_queries.settings import DEFAULT_REQUEST_TIMEOUT, EMBEDDED_LLM_NAMES, JSON_MODES, LOCAL_LLM
 from components.generate_queries.validation import OPENAI_STRICT_SCHEMA
 
 OPENAI_API_HOST = "api.openai.com"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from components.common import StageError, get_logger, read_splits, write_json, write_splits
-from components.generate_queries.cost import estimated_cost, parse_prices, price_fields, run_price, price_table
+from components.generate_queries.cost import estimated_cost, parse_prices, price_fields, price_table, run_price
 from components.generate_queries.llm import LLMSpec, build_llm, parse_llm_spec, response_format_for
 from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, parse_styles, query_rows
 from components.generate_queries.settings import GenerationSettings, GenerationTuning

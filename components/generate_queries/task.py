@@ -27,6 +27,7 @@ from components.generate_queries.llm import (
     llm_identity,
     response_format_for,
 )
+from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, build_messages, page_title, styles
 from components.generate_queries.retries import describe_error, request_retrying
 from components.generate_queries.settings import GenerationSettings, GenerationTuning
 from components.generate_queries.status import (
@@ -37,7 +38,6 @@ from components.generate_queries.status import (
     record_pair,
     record_review_flag,
 )
-from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, build_messages, page_title, styles
 from components.generate_queries.validation import parse_generation, restates_instructions, validate_pair
 
 # At most this many cache look-ups at once: against object storage each is a round trip.

@@ -15,12 +15,12 @@ from kfp.dsl import Dataset, Output
 
 from components.common import (
     ANCHOR,
-    chunk_id,
     METADATA_COLUMNS,
     SPLITS,
     StageError,
-    stage_component,
+    chunk_id,
     get_logger,
+    stage_component,
     write_json,
     write_splits,
 )
@@ -34,8 +34,8 @@ from components.load_docs.markdown import (  # noqa: F401 - re-exported: the sta
     split_sections,
     split_text,
 )
-from components.storage import open_file, open_store, read_parquet
 from components.settings import setting
+from components.storage import open_file, open_store, read_parquet
 
 log = get_logger("load_docs")
 
@@ -156,7 +156,8 @@ def normalise_split(
             text_column = ANCHOR  # a dataset this pipeline produced
         else:
             raise StageError(
-                f"The {split} split has no text column {text_column!r}. Columns found: {sorted(map(str, frame.columns))}. "
+                f"The {split} split has no text column {text_column!r}. "
+                f"Columns found: {sorted(map(str, frame.columns))}. "
                 "Pass --text-column with the name of the column that holds the chunk text."
             )
     frame = frame.rename(columns={text_column: ANCHOR}).copy()

@@ -29,6 +29,7 @@ _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
 def clean_markdown(text: str) -> str:
+    """The page without front matter, Hugo shortcodes and HTML comments."""
     text = _FRONT_MATTER.sub("", text.replace("\r\n", "\n"), count=1)
     text = _HTML_COMMENT.sub("", _SHORTCODE.sub("", text))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
@@ -94,7 +95,8 @@ def split_text(text: str, max_chars: int, overlap: int = MARKDOWN_OVERLAP_CHARS)
     return pieces
 
 
-def chunk_markdown(text: str, max_chars: int = MARKDOWN_CHUNK_CHARS, overlap: int = MARKDOWN_OVERLAP_CHARS) -> list[str]:
+def chunk_markdown(text: str, max_chars: int = MARKDOWN_CHUNK_CHARS,
+                   overlap: int = MARKDOWN_OVERLAP_CHARS) -> list[str]:
     """Chunk a Markdown page by headings into pieces of at most max_chars with a small overlap."""
     chunks: list[str] = []
     pending = ""  # a heading-only or very short section is carried into the next one
@@ -124,6 +126,7 @@ def _page_url(relative: Path, base_url: str) -> str:
 
 
 def markdown_files(folder: Path) -> list[Path]:
+    """The Markdown files below `folder`, sorted, skipping hidden, private and tooling folders."""
     files = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")) and d not in SKIPPED_DIRS)

@@ -135,7 +135,8 @@ async def _local_lifespan(asgi_app):
             workspace=os.environ.get("LOCAL_ARGILLA_WORKSPACE", "argilla"),
         )
     async with _argilla_lifespan(asgi_app) as state:
-        records = await _reindex_all() if os.environ["ARGILLA_SEARCH_ENGINE"] == inmemory_search_engine.ENGINE_NAME else 0
+        in_memory = os.environ["ARGILLA_SEARCH_ENGINE"] == inmemory_search_engine.ENGINE_NAME
+        records = await _reindex_all() if in_memory else 0
         _LOGGER.warning(
             "local argilla ready (search engine %r, %d records re-indexed, start-up %.1fs)",
             os.environ["ARGILLA_SEARCH_ENGINE"],

@@ -24,6 +24,7 @@ from fakeredis import TcpFakeServer
 
 
 def main() -> None:
+    """Serve an in-memory Redis on the given port until killed."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)

@@ -40,7 +40,6 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 from uuid import UUID
 
 import numpy as np
-
 from argilla_server.enums import MetadataPropertyType, SimilarityOrder, SortOrder
 from argilla_server.models import Dataset, MetadataProperty, Record, Response, Suggestion, User, VectorSettings
 from argilla_server.search_engine.base import (

@@ -21,7 +21,6 @@ import pandas as pd
 import pytest
 
 from components.common import StageError
-from components.storage import GCSStore, LocalStore, open_store
 from components.generate_queries import (
     OUTPUT_SCHEMA,
     GenerationSettings,
@@ -36,6 +35,7 @@ from components.generate_queries import (
     retry_delay,
 )
 from components.load_docs import load_docs
+from components.storage import GCSStore, LocalStore, open_store
 from tests.conftest import PROJECT_ROOT
 from tests.support.servers import always, anchor_id, every_third_fails
 
@@ -290,7 +290,8 @@ def test_second_run_on_a_clean_disk_with_the_same_gcs_cache_sends_no_request(tmp
 KILLED_RUN = """
 import sys
 from components.generate_queries import GenerationSettings, generate_queries
-settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], queries_per_chunk=1, llm_concurrency=2,
+settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], queries_per_chunk=1,
+                              llm_concurrency=2,
                               generation_batch_size=4, llm_request_timeout=5.0, max_failure_rate=0.0)
 generate_queries(sys.argv[1], sys.argv[3], settings)
 """
@@ -378,7 +379,8 @@ def test_batch_api_needs_a_cache_for_its_job_ids(tmp_path, chunks_6, openai_serv
 SECRET_RUN = """
 import sys
 from components.generate_queries import GenerationSettings, GenerationTuning, generate_queries
-settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], queries_per_chunk=1, llm_concurrency=4,
+settings = GenerationSettings(llm="openai:test-model", llm_cache_uri=sys.argv[2], queries_per_chunk=1,
+                              llm_concurrency=4,
                               llm_request_timeout=1.0, max_failure_rate=0.0)
 stats = generate_queries(sys.argv[1], sys.argv[3], settings, GenerationTuning(retry_base_delay=0.1))
 print("retries", stats["llm_retries"])
@@ -387,7 +389,8 @@ print("retries", stats["llm_retries"])
 
 def test_api_key_never_reaches_logs_outputs_cache_or_compiled_yaml(tmp_path, chunks_6, openai_server):
     server = openai_server(script=every_third_fails(("500", "429", "malformed")))
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": FAKE_KEY}
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OPENAI_BASE_URL": server.base_url,
+           "OPENAI_API_KEY": FAKE_KEY}
     # A real process, so everything the stage prints (distilabel's workers and the HTTP client included) is seen.
     result = subprocess.run([sys.executable, "-c", SECRET_RUN, str(chunks_6), str(tmp_path / "cache"),
                              str(tmp_path / "out")], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
@@ -451,7 +454,8 @@ def test_estimate_command_line(tmp_path):
 def test_openai_path_against_llama_cpp_server(tmp_path, chunks_6, llama_cpp_server, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", llama_cpp_server.base_url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    settings = GenerationSettings(llm="openai:smollm2", llm_cache_uri=str(tmp_path / "cache"), queries_per_chunk=1, llm_concurrency=2,
+    settings = GenerationSettings(llm="openai:smollm2", llm_cache_uri=str(tmp_path / "cache"), queries_per_chunk=1,
+                              llm_concurrency=2,
                                   max_failure_rate=1.0)
     stats = generate_queries(chunks_6, tmp_path / "out", settings)
     rows = read_rows(tmp_path / "out")

@@ -38,8 +38,9 @@ GOOD = {"install": '{"positive": "Which Python version does the SDK need?", "neg
         "upload": '{"positive": "How do I upload a pipeline in the UI?", "negative": "Which Python version does the '
                   'SDK need?"}'}
 NO_NEGATIVE = '{"positive": "Which Python version does the SDK need?"}'
-RESTATED = '{"positive": "The positive sentence is a query for the anchor sentence", "negative": "How do I delete ' \
-           'an experiment in the UI?"}'
+# A question of the right style, about its chunk ("install"), made mostly of the prompt's own words.
+RESTATED = '{"positive": "Which search query about the excerpt topic would a user type to install?", ' \
+           '"negative": "How do I delete an experiment in the UI?"}'
 PROMPT_TOKENS, COMPLETION_TOKENS = 120, 25
 SPEC = LLMSpec(provider="openai", model="scripted-model", label="scripted-model")
 FAST = GenerationTuning(retry_base_delay=0.001, retry_max_delay=0.01)

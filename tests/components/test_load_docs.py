@@ -146,7 +146,8 @@ def test_unreachable_hub_dataset_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_clean_markdown_strips_front_matter_shortcodes_and_comments():
-    text = '---\ntitle: "Page"\nweight: 3\n---\n# Title\n{{% alert title="Note" %}}Keep me{{% /alert %}}\n<!-- hidden -->\nBody'
+    text = ('---\ntitle: "Page"\nweight: 3\n---\n# Title\n{{% alert title="Note" %}}Keep me{{% /alert %}}\n'
+            '<!-- hidden -->\nBody')
     cleaned = clean_markdown(text)
     assert cleaned == "# Title\nKeep me\n\nBody"
 

@@ -58,7 +58,8 @@ def test_vertex_submit_builds_the_job_and_replaces_only_the_api_call(service_acc
 
     template = json_format.MessageToDict(request._pb.pipeline_spec)
     executors = template["deploymentSpec"]["executors"]
-    assert executors["exec-embed-score-component"]["container"]["resources"]["accelerator"]["resourceType"] == "NVIDIA_L4"
+    resources = executors["exec-embed-score-component"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "NVIDIA_L4"
     assert {e["container"]["image"] for e in executors.values()} == {STAGE_IMAGES[s] for s in STAGES}
     assert template["pipelineInfo"]["name"] == PIPELINE_NAME
     assert "projects/test-project/pipelineJobs/x" in capsys.readouterr().out

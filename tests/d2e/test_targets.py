@@ -80,7 +80,8 @@ def test_resources_retries_and_caching_per_stage(compiled):
             assert "retryPolicy" not in task
         assert task.get("cachingOptions", {}).get("enableCache", False) == (stage in targets.CACHED_STAGES)
     # Vertex picks g2-standard-8 for one L4 with 8 vCPU / 32 GB; smaller limits would not fit that machine.
-    assert stage_resources("embed_score")["cpu_limit"] == "8" and stage_resources("embed_score")["memory_limit"] == "32G"
+    gpu_stage = stage_resources("embed_score")
+    assert gpu_stage["cpu_limit"] == "8" and gpu_stage["memory_limit"] == "32G"
 
 
 def test_parameter_defaults_per_target(compiled):
