@@ -23,6 +23,7 @@ from components.common import (
     SIM_POS_NEG,
     get_logger,
     is_text,
+    load_model,
     stage_component,
     read_splits,
     resolve_embedding_model,
@@ -41,26 +42,6 @@ class EmbedScoreSettings:
     embedding_model: str = setting(CLUSTER_EMBEDDING_MODEL, "local path, Hub id, or the embedded default "
                                    f"{EMBEDDED_EMBEDDING_MODEL}", local=EMBEDDED_EMBEDDING_MODEL)
     embedding_batch_size: int = setting(64, "texts per encoding batch", minimum=1)
-
-
-def pick_device(requested: str = "auto") -> str:
-    if requested != "auto":
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(model_name: str, device: str = "auto"):
-    """Load a SentenceTransformer once; fp16 on CUDA halves memory and time with no change in ranking."""
-    from sentence_transformers import SentenceTransformer
-
-    path, _ = resolve_embedding_model(model_name)
-    device = pick_device(device)
-    model = SentenceTransformer(path, device=device)
-    if device.startswith("cuda"):
-        model.half()
-    return model
 
 
 def embed_texts(model, texts: list[str], batch_size: int = 64):

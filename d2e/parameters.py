@@ -11,6 +11,7 @@ from components.evaluate import EvaluateSettings
 from components.export import ExportSettings
 from components.finetune import FinetuneSettings
 from components.load_docs import LoadDocsSettings
+from components.mine_negatives import MineNegativesSettings
 from components.publish import PublishSettings
 from components.settings import SettingSpec, specs
 from components.generate_queries import GenerationSettings
@@ -22,6 +23,7 @@ SETTINGS: tuple[tuple[str, type], ...] = (
     ("load_docs", LoadDocsSettings),
     ("generate_queries", GenerationSettings),
     ("embed_score", EmbedScoreSettings),
+    ("mine_negatives", MineNegativesSettings),
     ("target", TargetSettings),
     ("export", ExportSettings),
     ("publish", PublishSettings),
