@@ -309,7 +309,7 @@ def split_stats(frame, index: SplitIndex, settings: MineNegativesSettings, ranks
     found = np.array([len(negatives) for negatives in texts], dtype=np.int64)
     rows = len(ranks)
     return {
-        "rows": int(len(frame)),
+        "rows": len(frame),
         "chunks": int(index.chunks_per_text.sum()),
         "valid_rows": rows,
         "distinct_queries": len(index.queries),

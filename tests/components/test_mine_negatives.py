@@ -136,7 +136,7 @@ def test_mined_negatives_are_exact_never_the_own_chunk_never_above_the_margin_ne
     assert list(train[MARGIN_REMOVED]) == [2, 2, 0, 0, 0, 4, 0]
     assert [list(texts) for texts in train[HARD_NEGATIVES]][:2] == [["cd", "ce"], ["cd", "ce"]]
     assert [list(ids) for ids in test[HARD_NEGATIVE_IDS]] == [["id-tb"], []]
-    for split, frame in frames.items():
+    for frame in frames.values():
         own_split = set(frame["chunk_id"])
         for chunk, query, ids, texts in zip(frame["anchor"], frame["positive"], frame[HARD_NEGATIVE_IDS],
                                             frame[HARD_NEGATIVES]):
@@ -229,13 +229,13 @@ def test_with_the_embedded_model_ranks_match_a_brute_force_search(tmp_path):
     stats, out = run(tmp_path, train=frames["train"], test=frames["test"], model=EMBEDDED_EMBEDDING_MODEL,
                      settings=MineNegativesSettings(num_hard_negatives=2, mining_range=3, roundtrip_k=2))
     model = load_model(EMBEDDED_EMBEDDING_MODEL, "cpu")
-    for split in chunks:
+    for split, texts in chunks.items():
         scores = model.encode(queries[split], normalize_embeddings=True) @ model.encode(
-            chunks[split], normalize_embeddings=True).T
+            texts, normalize_embeddings=True).T
         expected = [1 + int((row > row[i]).sum()) for i, row in enumerate(scores)]
         assert list(out[split][ROUNDTRIP_RANK]) == expected
         for i, ids in enumerate(out[split][HARD_NEGATIVE_IDS]):
-            assert f"id-{chunks[split][i]}" not in set(ids) and set(ids) <= set(out[split]["chunk_id"])
+            assert f"id-{texts[i]}" not in set(ids) and set(ids) <= set(out[split]["chunk_id"])
     assert stats["embedding_model"] == stats["miner_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert stats["splits"]["train"]["roundtrip_rank"]["share_rank_1"] >= 0.75
 
