@@ -20,6 +20,7 @@ from components.export import export_component
 from components.finetune import finetune_component
 from components.generate_queries import generate_queries_component
 from components.load_docs import load_docs_component
+from components.mine_negatives import mine_negatives_component
 from components.publish import publish_component
 from components.report import report_component
 from d2e.parameters import pipeline_signature, stage_arguments
@@ -43,23 +44,29 @@ def add_stages(target: str, values: dict) -> None:
     configure_task(embed, "embed_score")
     request_gpu(embed, target, values)
 
-    report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"],
-                              scored=embed.outputs["scored"])
+    # Filters and mined negatives: what every later stage reads (rows are marked, none removed).
+    mine = mine_negatives_component(scored=embed.outputs["scored"], embedding_model=values["embedding_model"],
+                                    **stage_arguments("mine_negatives", values))
+    configure_task(mine, "mine_negatives")
+    request_gpu(mine, target, values)
+    mined = mine.outputs["mined"]
+
+    report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"], scored=mined)
     configure_task(report, "report")
-    final = export_component(scored=embed.outputs["scored"], report_files=report.outputs["report_files"],
+    final = export_component(scored=mined, report_files=report.outputs["report_files"],
                              **stage_arguments("export", values))
     configure_task(final, "export")
-    publish = publish_component(scored=embed.outputs["scored"], report_files=report.outputs["report_files"],
+    publish = publish_component(scored=mined, report_files=report.outputs["report_files"],
                                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **stage_arguments("publish", values))
     configure_task(publish, "publish")
 
     # Finetune starts from the embedding model embed_score used; evaluate compares against it.
-    tune = finetune_component(scored=embed.outputs["scored"], embedding_model=values["embedding_model"],
+    tune = finetune_component(scored=mined, embedding_model=values["embedding_model"],
                               **stage_arguments("finetune", values))
     configure_task(tune, "finetune")
     request_gpu(tune, target, values)
     # Evaluate encodes the whole corpus twice (base and finetuned): with a large model that wants the GPU too.
-    judge = evaluate_component(scored=embed.outputs["scored"], finetuned_model=tune.outputs["model"],
+    judge = evaluate_component(scored=mined, finetuned_model=tune.outputs["model"],
                                base_model=values["embedding_model"], output_uri=values["output_uri"],
                                **stage_arguments("evaluate", values))
     configure_task(judge, "evaluate")

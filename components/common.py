@@ -76,6 +76,7 @@ STAGE_FAMILY: dict[str, str] = {
     "load_docs": "cpu",
     "generate_queries": "llamacpp",
     "embed_score": "gpu",
+    "mine_negatives": "gpu",
     "report": "cpu",
     "export": "cpu",
     "publish": "cpu",
@@ -89,7 +90,8 @@ STAGE_IMAGES: dict[str, str] = {
 # Stages whose image carries a CUDA build of torch and whose task requests a GPU: the "gpu" family.
 GPU_STAGES: frozenset[str] = frozenset(stage for stage, family in STAGE_FAMILY.items() if family == "gpu")
 # Stages that call other services (Hub, object storage, LLM APIs): retried with backoff on transient failures.
-NETWORK_STAGES: frozenset[str] = frozenset({"load_docs", "generate_queries", "embed_score", "publish", "evaluate"})
+NETWORK_STAGES: frozenset[str] = frozenset({"load_docs", "generate_queries", "embed_score", "mine_negatives", "publish",
+                                           "evaluate"})
 
 
 def stage_resources(stage: str) -> dict[str, str]:
@@ -119,6 +121,27 @@ def stage_component(stage: str):
     return decorate
 
 
+def pick_device(requested: str = "auto") -> str:
+    """The torch device: CUDA when present, unless one is named."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(model_name: str, device: str = "auto"):
+    """Load a SentenceTransformer once; fp16 on CUDA halves memory and time with no change in ranking."""
+    from sentence_transformers import SentenceTransformer
+
+    path, _ = resolve_embedding_model(model_name)
+    device = pick_device(device)
+    model = SentenceTransformer(path, device=device)
+    if device.startswith("cuda"):
+        model.half()
+    return model
+
+
 class StageError(RuntimeError):
     """A problem with the inputs or settings of a stage; the message says what to fix."""
 
@@ -136,6 +159,7 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def split_path(directory: str | os.PathLike, split: str) -> Path:
+    """Where a split's parquet file is in a stage's dataset folder."""
     return Path(directory) / f"{split}.parquet"
 
 
@@ -186,6 +210,7 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in a file."""
     return json.loads(Path(path).read_text())
 
 
@@ -219,6 +244,13 @@ def resolve_embedding_model(name: str) -> tuple[str, str]:
 MATRYOSHKA_CANDIDATE_DIMS: tuple[int, ...] = (768, 512, 256, 128, 64)
 GENERATION_STATUS = "generation_status"
 CHUNK_ID = "chunk_id"
+# Added by mine_negatives (filters and mined negatives; rows are marked, never removed).
+ROUNDTRIP_RANK = "roundtrip_rank"  # 1-based rank of the row's own chunk for its positive (null: invalid row)
+FILTER_STATUS = "filter_status"  # KEPT or "dropped: <why>"
+HARD_NEGATIVES = "hard_negatives"  # chunk texts mined from the row's own split
+HARD_NEGATIVE_IDS = "hard_negative_ids"  # their chunk_ids
+MARGIN_REMOVED = "margin_removed"  # candidates among the closest chunks that the margin ruled out
+KEPT = "kept"
 
 
 def chunk_id(text: str) -> str:
@@ -248,6 +280,7 @@ DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 
 
 def is_text(value: Any) -> bool:
+    """True for a string with at least one non-blank character (not None, NaN or a number)."""
     return isinstance(value, str) and bool(value.strip())
 
 
@@ -259,6 +292,14 @@ def valid_pairs(frame):
         keep &= frame[GENERATION_STATUS].astype(str) != "failed"
     return frame[keep]
 
+
+def training_rows(frame):
+    """Valid rows that passed every filter: what may train a model or be an evaluation query. Data from before
+    mine_negatives (no filter_status column) counts as all valid rows kept."""
+    rows = valid_pairs(frame)
+    if FILTER_STATUS in rows.columns:
+        rows = rows[rows[FILTER_STATUS].astype(str) == KEPT]
+    return rows
 
 
 def load_secret_into_env(resource: str, env_name: str) -> bool:

@@ -23,6 +23,7 @@ from components.common import (
     SIM_POS_NEG,
     get_logger,
     is_text,
+    load_model,
     read_splits,
     resolve_embedding_model,
     stage_component,
@@ -41,27 +42,6 @@ class EmbedScoreSettings:
     embedding_model: str = setting(CLUSTER_EMBEDDING_MODEL, "local path, Hub id, or the embedded default "
                                    f"{EMBEDDED_EMBEDDING_MODEL}", local=EMBEDDED_EMBEDDING_MODEL)
     embedding_batch_size: int = setting(64, "texts per encoding batch", minimum=1)
-
-
-def pick_device(requested: str = "auto") -> str:
-    """`cuda` when asked for or (with `auto`) when a GPU is present, else `cpu`."""
-    if requested != "auto":
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(model_name: str, device: str = "auto"):
-    """Load a SentenceTransformer once; fp16 on CUDA halves memory and time with no change in ranking."""
-    from sentence_transformers import SentenceTransformer
-
-    path, _ = resolve_embedding_model(model_name)
-    device = pick_device(device)
-    model = SentenceTransformer(path, device=device)
-    if device.startswith("cuda"):
-        model.half()
-    return model
 
 
 def embed_texts(model, texts: list[str], batch_size: int = 64):
@@ -100,7 +80,8 @@ def score_frame(frame, index: dict[str, int], vectors, model) -> Any:
     frame[SIM_ANCHOR_NEG] = similarity(anchors, negatives)
     frame[ANCHOR_VECTOR] = [vectors[i].tolist() for i in anchors]
     anchor_texts = list(frame[ANCHOR])
-    counts = [len(ids) for ids in model.tokenizer(anchor_texts, add_special_tokens=True)["input_ids"]] if len(frame) else []
+    encoded = model.tokenizer(anchor_texts, add_special_tokens=True)["input_ids"] if len(frame) else []
+    counts = [len(ids) for ids in encoded]
     frame["token_count"] = np.array(counts, dtype=np.int64)
     frame["exceeds_model_window"] = frame["token_count"] > model.max_seq_length
     return frame

@@ -49,6 +49,8 @@ def local_values(values: dict, given: set, output_dir: Path, no_cache: bool) -> 
     values = dict(values, output_uri=str(output_dir), llm_cache_uri=llm_cache_uri(values, no_cache))
     values["dataset"] = absolute(values["dataset"] or str(PROJECT_ROOT))
     values["embedding_model"] = absolute(values["embedding_model"])
+    if values["miner_model"]:  # empty means the embedding model ("" would resolve to the working folder)
+        values["miner_model"] = absolute(values["miner_model"])
     if "max_failure_rate" not in given and values["llm"] not in EMBEDDED_LLMS:
         # The lenient local default is for the embedded 135M model; any other LLM gets the cluster's tolerance.
         values["max_failure_rate"] = next(spec.default for spec in group_specs() if spec.name == "max_failure_rate")
@@ -62,8 +64,9 @@ def local_values(values: dict, given: set, output_dir: Path, no_cache: bool) -> 
 def prepare_environment(values: dict) -> None:
     """The stage subprocesses import this project's `components`; with everything on disk, nothing reaches the Hub."""
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-    model = values["embedding_model"]
-    if is_local_path(values["dataset"]) and (model == EMBEDDED_EMBEDDING_MODEL or is_local_path(model)):
+    models = [model for model in (values["embedding_model"], values["miner_model"]) if model]
+    if is_local_path(values["dataset"]) and all(model == EMBEDDED_EMBEDDING_MODEL or is_local_path(model)
+                                                for model in models):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

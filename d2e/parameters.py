@@ -12,6 +12,7 @@ from components.export import ExportSettings
 from components.finetune import FinetuneSettings
 from components.generate_queries import GenerationSettings
 from components.load_docs import LoadDocsSettings
+from components.mine_negatives import MineNegativesSettings
 from components.publish import PublishSettings
 from components.settings import SettingSpec, specs
 from d2e.targets import TargetSettings, hidden_parameters
@@ -22,6 +23,7 @@ SETTINGS: tuple[tuple[str, type], ...] = (
     ("load_docs", LoadDocsSettings),
     ("generate_queries", GenerationSettings),
     ("embed_score", EmbedScoreSettings),
+    ("mine_negatives", MineNegativesSettings),
     ("target", TargetSettings),
     ("export", ExportSettings),
     ("publish", PublishSettings),

@@ -22,8 +22,8 @@ HF_SECRET_NAME = "hf-token"
 # Caching: only stages that are pure functions of their inputs. load_docs may read a Hub id or bucket whose content
 # changes under the same name; generate_queries should sample afresh on a re-run (its own row cache, llm_cache_uri,
 # reuses finished rows keyed by chunk and LLM settings, which is finer than KFP's task cache); export writes to
-# output_uri, a side effect that a cache hit would skip.
-CACHED_STAGES = frozenset({"embed_score", "report"})
+# output_uri, a side effect that a cache hit would skip. mine_negatives is deterministic (top-k mining, no sampling).
+CACHED_STAGES = frozenset({"embed_score", "mine_negatives", "report"})
 # Network stages retry transient failures (rate limits, 5xx, node pre-emption): 30 s, 60 s, 120 s.
 RETRY = {"num_retries": 3, "backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
 # Parameters that exist on one target only (the rest of the signature is shared).

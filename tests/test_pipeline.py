@@ -9,8 +9,10 @@ from d2e.targets import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME,
 from pipeline import compile_pipeline
 from tests.conftest import PROJECT_ROOT
 
-STAGES = ("load-docs", "generate-queries", "embed-score", "report", "export", "publish", "finetune", "evaluate")
-GPU_TASKS = ["exec-embed-score-component", "exec-evaluate-component", "exec-finetune-component"]
+STAGES = ("load-docs", "generate-queries", "embed-score", "mine-negatives", "report", "export", "publish", "finetune",
+          "evaluate")
+GPU_TASKS = ["exec-embed-score-component", "exec-evaluate-component", "exec-finetune-component",
+             "exec-mine-negatives-component"]
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +32,26 @@ def test_compiled_pipeline_has_every_stage_with_its_own_image(compiled):
     assert len(set(images.values())) == len(STAGES)
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {f"{stage}-component" for stage in STAGES}
-    assert tasks["export-component"]["dependentTasks"] == ["embed-score-component", "report-component"]
-    assert tasks["publish-component"]["dependentTasks"] == ["embed-score-component", "report-component"]
-    assert tasks["finetune-component"]["dependentTasks"] == ["embed-score-component"]
-    assert tasks["evaluate-component"]["dependentTasks"] == ["embed-score-component", "finetune-component"]
+    # Every stage after mining reads the mined (filtered, with hard negatives) dataset, never embed_score's.
+    assert tasks["mine-negatives-component"]["dependentTasks"] == ["embed-score-component"]
+    assert tasks["report-component"]["dependentTasks"] == ["generate-queries-component", "load-docs-component",
+                                                           "mine-negatives-component"]
+    assert tasks["export-component"]["dependentTasks"] == ["mine-negatives-component", "report-component"]
+    assert tasks["publish-component"]["dependentTasks"] == ["mine-negatives-component", "report-component"]
+    assert tasks["finetune-component"]["dependentTasks"] == ["mine-negatives-component"]
+    assert tasks["evaluate-component"]["dependentTasks"] == ["finetune-component", "mine-negatives-component"]
+    for task in ("report", "export", "publish", "finetune", "evaluate"):
+        scored = tasks[f"{task}-component"]["inputs"]["artifacts"]["scored"]["taskOutputArtifact"]
+        assert scored == {"outputArtifactKey": "mined", "producerTask": "mine-negatives-component"}, task
+    mine_inputs = tasks["mine-negatives-component"]["inputs"]
+    assert mine_inputs["artifacts"]["scored"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "scored", "producerTask": "embed-score-component"}
+    assert mine_inputs["parameters"]["embedding_model"]["componentInputParameter"] == "embedding_model"
     model_input = tasks["evaluate-component"]["inputs"]["artifacts"]["finetuned_model"]["taskOutputArtifact"]
     assert model_input == {"outputArtifactKey": "model", "producerTask": "finetune-component"}
 
 
-def test_gpu_request_is_on_embed_score_finetune_and_evaluate_only(compiled):
+def test_gpu_request_is_on_embed_score_mine_negatives_finetune_and_evaluate_only(compiled):
     _, spec, platform = compiled
     executors = spec["deploymentSpec"]["executors"]
     with_gpu = sorted(name for name, executor in executors.items()
@@ -46,7 +59,7 @@ def test_gpu_request_is_on_embed_score_finetune_and_evaluate_only(compiled):
     assert with_gpu == GPU_TASKS
     # One set of GPU parameters serves every GPU task.
     tasks = spec["root"]["dag"]["tasks"]
-    for task in ("embed-score-component", "finetune-component", "evaluate-component"):
+    for task in ("embed-score-component", "mine-negatives-component", "finetune-component", "evaluate-component"):
         parameters = tasks[task]["inputs"]["parameters"]
         assert parameters["pipelinechannel--gpu_accelerator_type"]["componentInputParameter"] == "gpu_accelerator_type"
         assert parameters["pipelinechannel--gpu_count"]["componentInputParameter"] == "gpu_count"

@@ -11,7 +11,8 @@ from d2e.targets import KFP_ONLY_PARAMETERS, VERTEX_ONLY_PARAMETERS
 
 def test_groups_follow_the_data_and_every_stage_with_settings_is_listed():
     assert [group for group, _ in parameters.SETTINGS] == [
-        "load_docs", "generate_queries", "embed_score", "target", "export", "publish", "finetune", "evaluate"]
+        "load_docs", "generate_queries", "embed_score", "mine_negatives", "target", "export", "publish", "finetune",
+        "evaluate"]
     assert [s.name for s in parameters.group_specs("finetune")] == [
         "finetune_epochs", "finetune_batch_size", "finetune_learning_rate", "finetune_warmup_ratio",
         "finetune_hard_negatives", "finetune_seed"]
