@@ -254,6 +254,28 @@ def valid_pairs(frame):
     return frame[keep]
 
 
+# Columns of the mine_negatives stage (issue 9): the round-trip rank of the row's own chunk for its positive, why a
+# row is or is not used for training, the mined hard negatives (texts and chunk ids) and how many candidates the
+# margin removed. Older data has none of them; every reader treats that as "all valid rows kept".
+ROUNDTRIP_RANK = "roundtrip_rank"
+FILTER_STATUS = "filter_status"
+HARD_NEGATIVES = "hard_negatives"
+HARD_NEGATIVE_IDS = "hard_negative_ids"
+MARGIN_REMOVED = "margin_removed"
+KEPT = "kept"
+# Columns of generate_queries: the style of a row's query and which of a chunk's queries of that style it is.
+QUERY_STYLE = "query_style"
+QUERY_VARIANT = "query_variant"
+
+
+def training_rows(frame):
+    """Valid rows that passed every filter (filter_status == "kept"): the only rows that train or evaluate.
+    A frame without filter_status (data made before mine_negatives existed) keeps all its valid rows."""
+    valid = valid_pairs(frame)
+    if FILTER_STATUS not in valid.columns:
+        return valid
+    return valid[valid[FILTER_STATUS].astype(str) == KEPT]
+
 
 def load_secret_into_env(resource: str, env_name: str) -> bool:
     """Put a Secret Manager secret into this process's environment (Vertex has no Kubernetes secrets).
