@@ -51,7 +51,8 @@ def add_stages(target: str, values: dict) -> None:
     request_gpu(mine, target, values)
     mined = mine.outputs["mined"]
 
-    report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"], scored=mined)
+    report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"],
+                              scored=embed.outputs["scored"], mined=mined)
     configure_task(report, "report")
     final = export_component(scored=mined, report_files=report.outputs["report_files"],
                              **stage_arguments("export", values))

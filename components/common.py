@@ -251,6 +251,9 @@ HARD_NEGATIVES = "hard_negatives"  # chunk texts mined from the row's own split
 HARD_NEGATIVE_IDS = "hard_negative_ids"  # their chunk_ids
 MARGIN_REMOVED = "margin_removed"  # candidates among the closest chunks that the margin ruled out
 KEPT = "kept"
+# Columns of generate_queries: the style of a row's query and which of a chunk's queries of that style it is.
+QUERY_STYLE = "query_style"
+QUERY_VARIANT = "query_variant"
 
 
 def chunk_id(text: str) -> str:

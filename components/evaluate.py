@@ -40,8 +40,8 @@ from components.common import (
     valid_pairs,
     write_json,
 )
-from components.storage import export_model, write_results
 from components.settings import setting
+from components.storage import export_model, write_results
 
 log = get_logger("evaluate")
 

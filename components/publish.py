@@ -4,8 +4,14 @@ Each target is optional: an empty URL / repo / URI skips it with one log line. S
 environment only (ARGILLA_API_KEY, HF_TOKEN; Kubernetes secrets in the cluster), never from parameters.
 
 Decisions:
-- Argilla record ids are `<split>-<chunk_id>` (chunk_id hashes the anchor text), so re-publishing the same
-  chunks updates their records instead of adding duplicates, and never touches records of other chunks.
+- Argilla record ids are `<split>-<chunk_id>-<query_style>-<query_variant>` (chunk_id hashes the anchor text;
+  `<split>-<chunk_id>` for data without query styles), so re-publishing the same queries updates their records
+  instead of adding duplicates, a chunk's several queries are several records, and records of other chunks are
+  never touched.
+- Every row is a record, also rows the filters dropped: `filter_status` (terms; the round-trip rank is cut off so
+  the filter lists a few classes, not one term per rank), `roundtrip_rank` (integer, absent where null) and
+  `query_style` are metadata, so reviewers filter on them. The mined hard negatives are a Markdown field, numbered,
+  each chunk quoted. Data without these columns gets records without them; the dataset settings are the same.
 - Rows whose generation failed are published too (reviewers must see them): their `positive`/`negative`
   suggestions are left out, and similarity metadata that is NaN is left out (Argilla rejects NaN), so they show
   up with empty questions and no similarity values.
@@ -25,11 +31,17 @@ from components.common import (
     ANCHOR,
     ANCHOR_VECTOR,
     ARGILLA_API_KEY_ENV,
+    FILTER_STATUS,
+    HARD_NEGATIVE_IDS,
+    HARD_NEGATIVES,
     HF_TOKEN_ENV,
     MODEL_NAME,
     NEGATIVE,
     OUTPUT_COLUMNS,
     POSITIVE,
+    QUERY_STYLE,
+    QUERY_VARIANT,
+    ROUNDTRIP_RANK,
     SIMILARITIES,
     StageError,
     dataset_files,
@@ -38,8 +50,8 @@ from components.common import (
     stage_component,
 )
 from components.publish_hub import publish_to_hub
-from components.storage import publish_files
 from components.settings import setting
+from components.storage import publish_files
 
 log = get_logger("publish")
 
@@ -85,16 +97,22 @@ def vector_dimension(frames: dict[str, Any]) -> int:
 
 
 def argilla_settings(dimension: int):
+    """The dataset settings: the same for every run, whichever columns the data has, so one dataset takes them all."""
     import argilla as rg
 
     return rg.Settings(
-        fields=[rg.TextField(name=ANCHOR)],
+        fields=[rg.TextField(name=ANCHOR),
+                rg.TextField(name=HARD_NEGATIVES, title="Mined hard negatives (should not answer the query)",
+                             use_markdown=True, required=False)],
         questions=[rg.TextQuestion(name=POSITIVE), rg.TextQuestion(name=NEGATIVE)],
         metadata=[
             rg.TermsMetadataProperty(name="parent_section"),
             rg.TermsMetadataProperty(name="split"),
             rg.IntegerMetadataProperty(name="token_count"),
             *(rg.FloatMetadataProperty(name=name) for name in SIMILARITIES),
+            rg.TermsMetadataProperty(name=FILTER_STATUS),
+            rg.IntegerMetadataProperty(name=ROUNDTRIP_RANK),
+            rg.TermsMetadataProperty(name=QUERY_STYLE),
         ],
         vectors=[rg.VectorField(name=ANCHOR_VECTOR, dimensions=dimension)],
     )
@@ -114,6 +132,7 @@ def describe_settings(settings) -> dict[str, dict[str, str]]:
 
 
 def settings_differences(wanted, existing) -> list[str]:
+    """One line per field, question, metadata property or vector whose name or kind differs."""
     wanted_d, existing_d = describe_settings(wanted), describe_settings(existing)
     differences = []
     for section, items in wanted_d.items():
@@ -126,9 +145,10 @@ def settings_differences(wanted, existing) -> list[str]:
 
 
 def _finite(value: Any) -> Optional[float]:
-    if value is None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):  # None, pandas.NA
         return None
-    value = float(value)
     return value if math.isfinite(value) else None
 
 
@@ -143,8 +163,51 @@ def suggestion_agent(model_name: Any) -> str:
     return agent or "unknown-model"
 
 
-def record_id(split: str, chunk_id: str) -> str:
-    return f"{split}-{chunk_id}"
+def record_id(split: str, chunk_id: str, style: Any = None, variant: Any = None) -> str:
+    """`<split>-<chunk_id>`, plus `-<style>-<variant>` when the row has a query style (several queries a chunk)."""
+    if not _text(style):
+        return f"{split}-{chunk_id}"
+    number = _finite(variant)
+    return f"{split}-{chunk_id}-{style}-{int(number) if number is not None else 0}"
+
+
+def filter_term(status: Any) -> str | None:
+    """filter_status as an Argilla term: "dropped: roundtrip rank 14" -> "dropped: roundtrip rank" (the rank is
+    the roundtrip_rank metadata), other statuses unchanged; None for a missing status."""
+    return re.sub(r"\s+\d+$", "", status.strip()) if _text(status) else None
+
+
+def hard_negatives_markdown(texts: Any, ids: Any = None) -> str | None:
+    """The mined hard negatives as a numbered Markdown list, each chunk quoted (its own headings and code stay
+    inside its quote) under its number and chunk id; None when there are none."""
+    if texts is None or isinstance(texts, float) or not len(texts):
+        return None
+    ids = list(ids) if ids is not None and not isinstance(ids, float) else []
+    parts = []
+    for number, text in enumerate(texts, start=1):
+        label = f"**{number}.**" + (f" `{ids[number - 1]}`" if number <= len(ids) else "")
+        quoted = "\n".join(f"> {line}" if line.strip() else ">" for line in str(text).splitlines())
+        parts.append(f"{label}\n\n{quoted}")
+    return "\n\n".join(parts)
+
+
+def record_metadata(split: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A row's metadata; missing, NaN and null values are left out (Argilla rejects NaN)."""
+    metadata: dict[str, Any] = {"split": split}
+    for name in ("parent_section", QUERY_STYLE):
+        if _text(row.get(name)):
+            metadata[name] = row[name]
+    if filter_term(row.get(FILTER_STATUS)):
+        metadata[FILTER_STATUS] = filter_term(row[FILTER_STATUS])
+    for name in ("token_count", ROUNDTRIP_RANK):
+        value = _finite(row.get(name))
+        if value is not None:
+            metadata[name] = int(value)
+    for name in SIMILARITIES:
+        value = _finite(row.get(name))
+        if value is not None:
+            metadata[name] = value
+    return metadata
 
 
 def build_records(frames: dict[str, Any]) -> list:
@@ -154,22 +217,18 @@ def build_records(frames: dict[str, Any]) -> list:
     records = []
     for split, frame in frames.items():
         for row in frame.to_dict("records"):
-            metadata: dict[str, Any] = {"split": split}
-            if _text(row.get("parent_section")):
-                metadata["parent_section"] = row["parent_section"]
-            if row.get("token_count") is not None:
-                metadata["token_count"] = int(row["token_count"])
-            for name in SIMILARITIES:
-                value = _finite(row.get(name))
-                if value is not None:
-                    metadata[name] = value
             agent = suggestion_agent(row.get(MODEL_NAME))
             suggestions = [rg.Suggestion(question_name=question, value=row[question], agent=agent)
                            for question in (POSITIVE, NEGATIVE) if _text(row.get(question))]
             vector = row.get(ANCHOR_VECTOR)
             vectors = {ANCHOR_VECTOR: [float(x) for x in vector]} if vector is not None and len(vector) else {}
-            records.append(rg.Record(id=record_id(split, row["chunk_id"]), fields={ANCHOR: row[ANCHOR]},
-                                     metadata=metadata, suggestions=suggestions, vectors=vectors))
+            fields = {ANCHOR: row[ANCHOR]}
+            negatives = hard_negatives_markdown(row.get(HARD_NEGATIVES), row.get(HARD_NEGATIVE_IDS))
+            if negatives:
+                fields[HARD_NEGATIVES] = negatives
+            records.append(rg.Record(id=record_id(split, row["chunk_id"], row.get(QUERY_STYLE), row.get(QUERY_VARIANT)),
+                                     fields=fields, metadata=record_metadata(split, row), suggestions=suggestions,
+                                     vectors=vectors))
     return records
 
 
@@ -219,9 +278,14 @@ def publish_to_argilla(
     if existing is not None:
         differences = settings_differences(settings, existing.settings)
         if differences:
+            # Argilla adds fields and questions only to a dataset without records, so an older dataset cannot be
+            # brought up to date in place.
+            older = all(": existing absent," in difference for difference in differences)
             raise StageError(
                 f"The Argilla dataset {dataset_name!r} at {api_url} exists with different settings: "
                 + "; ".join(differences)
+                + (". It was made by an earlier version of this pipeline (before hard negatives and filter metadata "
+                   "were published)" if older else "")
                 + ". Publish under a new name (--argilla-dataset / argilla_dataset) or delete that dataset first "
                 "(rg.Argilla(...).datasets(name=...).delete()).")
         dataset = existing

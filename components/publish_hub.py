@@ -9,8 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from components.common import (
+    ANCHOR,
     ANCHOR_VECTOR,
+    FILTER_STATUS,
+    HARD_NEGATIVE_IDS,
+    HARD_NEGATIVES,
     HF_TOKEN_ENV,
+    KEPT,
+    MARGIN_REMOVED,
+    NEGATIVE,
+    POSITIVE,
+    QUERY_STYLE,
+    QUERY_VARIANT,
+    ROUNDTRIP_RANK,
     SIMILARITIES,
     StageError,
     get_logger,
@@ -18,6 +29,23 @@ from components.common import (
 )
 
 log = get_logger("publish")
+
+# What the card says about each column the data has (columns not listed here are diagnostics).
+COLUMN_DOCS = {
+    ANCHOR: "the documentation chunk",
+    POSITIVE: "a query the chunk answers, written by the LLM",
+    NEGATIVE: "a query the chunk does not answer, written by the LLM",
+    QUERY_STYLE: "the kind of query: question, keywords (a search phrase) or statement",
+    QUERY_VARIANT: "which of the chunk's queries of that style the row is (0, 1, ...)",
+    ANCHOR_VECTOR: "the chunk's embedding",
+    ROUNDTRIP_RANK: "rank of the row's own chunk for its positive among all chunks of its split (1 = first; "
+                    "null for failed rows)",
+    FILTER_STATUS: f"`{KEPT}`, or why the row is not used for training (`dropped: generation failed`, "
+                   "`dropped: roundtrip rank N`, `dropped: near-duplicate`)",
+    HARD_NEGATIVES: "chunks of the same split mined as hard negatives for the positive",
+    HARD_NEGATIVE_IDS: "their chunk_ids",
+    MARGIN_REMOVED: "how many mining candidates scored too close to the positive and were left out",
+}
 
 
 def _similarity_table(embed_stats: dict) -> list[str]:
@@ -32,9 +60,28 @@ def _similarity_table(embed_stats: dict) -> list[str]:
     return lines
 
 
+def _filter_lines(filters: dict) -> list[str]:
+    """The report's filter counts per split (stats.json `filters`) as a table; nothing for older reports."""
+    if not filters:
+        return []
+    header = "| split | rows | generated | failed | dropped: round-trip | dropped: near-duplicate | kept for training |"
+    lines = ["## Filters", "", header, "| --- | --- | --- | --- | --- | --- | --- |"]
+    for split, counts in sorted(filters.items()):
+        cells = [counts.get(key) for key in ("rows", "generated", "failed", "dropped_roundtrip",
+                                             "dropped_near_duplicate", "kept")]
+        lines.append(f"| {split} | " + " | ".join("n/a" if cell is None else str(cell) for cell in cells) + " |")
+    return [*lines, ""]
+
+
+def _column_lines(frames: dict[str, Any]) -> list[str]:
+    columns = {column for frame in frames.values() for column in frame.columns}
+    return ["## Columns", "", *(f"- `{name}`: {text}" for name, text in COLUMN_DOCS.items() if name in columns), ""]
+
+
 def dataset_card(repo_id: str, frames: dict[str, Any], stats: dict, metrics: dict, run_id: str) -> str:
     """The README.md of the Hub dataset: what it is and exactly how it was made."""
-    load, generation, embed = stats.get("load_docs", {}), stats.get("generate_queries", {}), stats.get("embed_score", {})
+    load, generation = stats.get("load_docs", {}), stats.get("generate_queries", {})
+    embed = stats.get("embed_score", {})
     settings = generation.get("settings", {})
     context = settings.get("context", "")
     failure_rate = generation.get("failure_rate", metrics.get("generation_failure_rate"))
@@ -73,8 +120,11 @@ def dataset_card(repo_id: str, frames: dict[str, Any], stats: dict, metrics: dic
         f"- **Failure rate:** {failure_rate}",
         "",
         "Rows whose generation failed are kept with empty `positive`/`negative` and NaN similarities "
-        "(`generation_status` says which); drop them before training.",
+        "(`generation_status` says which); drop them before training. Rows the filters dropped are kept too: "
+        f"train only on rows whose `{FILTER_STATUS}` is `{KEPT}` (where the column exists).",
         "",
+        *_filter_lines(stats.get("filters") or {}),
+        *_column_lines(frames),
         "## Similarity statistics",
         "",
         *_similarity_table(embed),
@@ -84,6 +134,7 @@ def dataset_card(repo_id: str, frames: dict[str, Any], stats: dict, metrics: dic
 
 
 def read_report_stats(report_dir: "str | os.PathLike") -> tuple[dict, dict]:
+    """The report's stats.json and metrics.json (empty dicts when the report folder lacks them)."""
     report_dir = Path(report_dir)
     for name in ("stats.json", "metrics.json"):
         if not (report_dir / name).exists():

@@ -10,7 +10,7 @@ import pytest
 
 from components.common import write_splits
 from components.publish import load_frames, publish_to_argilla
-from tests.components.test_publish import scored_frame
+from tests.components.test_publish import add_mining_columns, scored_frame
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -31,6 +31,22 @@ def browser():
             chromium.close()
 
 
+def open_dataset(browser, server, name: str, records: int):
+    """Sign into the Argilla UI, open the dataset from the home page and wait for its record counter."""
+    page = browser.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(server.url)
+    page.wait_for_url("**/sign-in**")
+    page.locator("input[type=text]").fill(server.username)
+    page.locator("input[type=password]").fill(server.password)
+    page.locator("button[type=submit]").click()
+    page.wait_for_url(lambda url: "sign-in" not in url)
+    page.get_by_text(name).first.click()  # the dataset is listed on the home page
+    page.wait_for_url("**/dataset/**")
+    page.locator("body").get_by_text(f"of {records}").first.wait_for()  # the record counter
+    return page
+
+
 def test_browser_signs_in_and_sees_dataset_and_records(browser, argilla_server, tmp_path, kubeflow_docs):
     anchors = list(pd.read_parquet(kubeflow_docs / "train.parquet")["page_content"].iloc[[3, 10, 20]])
     test_anchors = list(pd.read_parquet(kubeflow_docs / "test.parquet")["page_content"].iloc[[0]])
@@ -40,22 +56,31 @@ def test_browser_signs_in_and_sees_dataset_and_records(browser, argilla_server, 
     summary = publish_to_argilla(load_frames(tmp_path / "scored"), argilla_server.url, argilla_server.api_key, name)
     assert summary["records"] == 4
 
-    page = browser.new_page()
-    page.set_default_timeout(30_000)
-    page.goto(argilla_server.url)
-    page.wait_for_url("**/sign-in**")
-    page.locator("input[type=text]").fill(argilla_server.username)
-    page.locator("input[type=password]").fill(argilla_server.password)
-    page.locator("button[type=submit]").click()
-    page.wait_for_url(lambda url: "sign-in" not in url)
-
-    page.get_by_text(name).first.click()  # the dataset is listed on the home page
-    page.wait_for_url("**/dataset/**")
+    page = open_dataset(browser, argilla_server, name, 4)  # both splits, 4 records
     body = page.locator("body")
-    body.get_by_text("of 4").first.wait_for()  # the record counter: both splits, 4 records
     body.get_by_text("Find similar").first.wait_for()  # the anchor vector is there
     text = body.inner_text()
     assert name in text and "positive" in text and "negative" in text
     assert "SmolLM2-135M-Instruct test" in text  # the suggestions' agent
     assert any(f"How do I use part {i} of" in text for i in range(3))  # a suggestion of the record shown
+    page.close()
+
+
+def test_browser_shows_the_hard_negatives_rendered_for_review(browser, argilla_server, tmp_path, kubeflow_docs):
+    anchors = list(pd.read_parquet(kubeflow_docs / "train.parquet")["page_content"].iloc[[3, 10, 20]])
+    frame = add_mining_columns(scored_frame(anchors, "train", 1), ["kept", "dropped: roundtrip rank 14", "kept"],
+                               [1, 14, 2])
+    write_splits({"train": frame, "test": frame.iloc[:0]}, tmp_path / "mined")
+    name = f"review-{uuid.uuid4().hex[:6]}"
+    assert publish_to_argilla(load_frames(tmp_path / "mined"), argilla_server.url, argilla_server.api_key,
+                              name)["records"] == 3
+
+    page = open_dataset(browser, argilla_server, name, 3)
+    body = page.locator("body")
+    body.get_by_text("Mined hard negatives").first.wait_for()  # the field's title
+    text = body.inner_text()
+    shown = next(r for r in frame.to_dict("records") if r["positive"] and r["positive"] in text)
+    assert shown["hard_negative_ids"][0] in text and "**1.**" not in text  # Markdown rendered, not shown raw
+    first_line = next(line for line in shown["hard_negatives"][0].splitlines() if line.strip())
+    assert first_line.lstrip("# ").strip()[:40] in text
     page.close()

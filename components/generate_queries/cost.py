@@ -32,7 +32,10 @@ PRICES_PER_MILLION_TOKENS: dict[str, tuple[float, float]] = {
 
 
 def price_table(overrides: Optional[dict[str, Any]] = None) -> dict[str, tuple[float, float]]:
-    """The list prices with `overrides` applied ({"model": [prompt, completion]} or {"prompt": .., "completion": ..})."""
+    """The list prices with `overrides` applied.
+
+    An override is {"model": [prompt, completion]} or {"model": {"prompt": .., "completion": ..}}.
+    """
     table = dict(PRICES_PER_MILLION_TOKENS)
     for model, price in (overrides or {}).items():
         if isinstance(price, dict):

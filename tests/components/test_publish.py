@@ -13,12 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.common import MANIFEST_NAME, OUTPUT_COLUMNS, StageError, write_json, write_splits
+from components.common import MANIFEST_NAME, OUTPUT_COLUMNS, StageError, read_splits, write_json, write_splits
 from components.publish import (
     ANCHOR_VECTOR,
     SIMILARITIES,
     build_records,
     export_to_storage,
+    filter_term,
+    hard_negatives_markdown,
     load_frames,
     publish,
     publish_to_argilla,
@@ -64,6 +66,36 @@ def scored_dir(tmp_path, kubeflow_docs) -> Path:
               "test": scored_frame(list(test[column]), "test", 2)}
     write_splits(frames, tmp_path / "scored")
     return tmp_path / "scored"
+
+
+def add_mining_columns(frame: pd.DataFrame, statuses: list[str], ranks: list) -> pd.DataFrame:
+    """mine_negatives' columns (issue 9's contract) on a scored frame: each valid row gets the other valid chunks
+    of its split as hard negatives; failed rows get none."""
+    frame = frame.copy()
+    frame["filter_status"], frame["roundtrip_rank"] = statuses, pd.array(ranks, dtype="Int64")
+    valid = frame["positive"].notna()
+    chunks = frame.loc[valid, ["chunk_id", "anchor"]].drop_duplicates("chunk_id")
+    others = [chunks[chunks["chunk_id"] != cid] if ok else chunks.iloc[:0] for cid, ok in zip(frame["chunk_id"], valid)]
+    frame["hard_negatives"] = [list(o["anchor"]) for o in others]
+    frame["hard_negative_ids"] = [list(o["chunk_id"]) for o in others]
+    frame["margin_removed"] = [1 if ok else None for ok in valid]
+    return frame
+
+
+@pytest.fixture
+def mined_dir(tmp_path, scored_dir) -> Path:
+    """The scored rows after mine_negatives, with query styles; chunk 0 of train has a second (keywords) query."""
+    frames = read_splits(scored_dir)
+    train = frames["train"].assign(query_style=["question", "question", "question", "statement"], query_variant=0)
+    second = train.iloc[[0]].assign(query_style="keywords", positive="install part 0 train")
+    frames["train"] = add_mining_columns(
+        pd.concat([train, second], ignore_index=True),
+        ["kept", "dropped: roundtrip rank 14", "dropped: generation failed", "dropped: near-duplicate", "kept"],
+        [1, 14, None, 2, 3])
+    frames["test"] = add_mining_columns(frames["test"].assign(query_style="question", query_variant=0),
+                                        ["kept", "kept"], [1, 1])
+    write_splits(frames, tmp_path / "mined")
+    return tmp_path / "mined"
 
 
 @pytest.fixture
@@ -135,6 +167,78 @@ def test_argilla_settings_conflict_is_a_clear_error(argilla_server, argilla_clie
     assert len(argilla_client.datasets(name=name).records.to_list()) == 0
 
 
+def test_argilla_filter_metadata_and_hard_negatives_for_review(argilla_server, argilla_client, mined_dir):
+    import argilla as rg
+
+    name = f"mined-{uuid.uuid4().hex[:8]}"
+    frames = load_frames(mined_dir)
+    summary = publish_to_argilla(frames, argilla_server.url, argilla_server.api_key, name)
+    assert summary["records"] == 7 and summary["rejected"] == []  # dropped rows are published too
+    dataset = argilla_client.datasets(name=name)
+    records = {r.id: r for r in dataset.records}
+    train = frames["train"]
+    ids = [record_id("train", *train.loc[i, ["chunk_id", "query_style", "query_variant"]]) for i in range(5)]
+    assert ids[0] != ids[4] and set(ids) <= set(records)  # a chunk's two queries are two records
+
+    dropped = records[ids[1]].metadata
+    assert dropped["filter_status"] == "dropped: roundtrip rank" and dropped["roundtrip_rank"] == 14
+    assert dropped["query_style"] == "question"
+    failed = records[ids[2]]
+    assert failed.metadata["filter_status"] == "dropped: generation failed" and "roundtrip_rank" not in failed.metadata
+    assert "hard_negatives" not in failed.fields or not failed.fields["hard_negatives"]
+    assert records[ids[4]].metadata["query_style"] == "keywords"
+
+    # Reviewers filter on the metadata through the SDK (and the UI): the kept rows, the round-trip drops.
+    kept = dataset.records(query=rg.Query(filter=rg.Filter(("metadata.filter_status", "==", "kept"))))
+    assert {r.id for r in kept} == {ids[0], ids[4], *(record_id("test", *row) for row in
+                                    frames["test"][["chunk_id", "query_style", "query_variant"]].values)}
+    far = dataset.records(query=rg.Query(filter=rg.Filter(("metadata.roundtrip_rank", ">=", 10))))
+    assert [r.id for r in far] == [ids[1]]
+
+    field = dataset.settings.fields["hard_negatives"]
+    assert field.use_markdown and not field.required
+    shown = records[ids[0]].fields["hard_negatives"]
+    negatives = train.loc[0, "hard_negatives"]
+    assert len(negatives) == 2 and shown.startswith(f"**1.** `{train.loc[0, 'hard_negative_ids'][0]}`")
+    assert "**2.**" in shown and "**3.**" not in shown
+    for text in negatives:
+        assert f"> {next(line for line in text.splitlines() if line.strip())}" in shown
+
+
+def test_argilla_dataset_with_the_old_settings_gets_a_clear_message(argilla_server, argilla_client, scored_dir):
+    import argilla as rg
+
+    name = f"old-{uuid.uuid4().hex[:8]}"
+    rg.Dataset(name=name, client=argilla_client, settings=rg.Settings(  # the settings before issue 9
+        fields=[rg.TextField(name="anchor")],
+        questions=[rg.TextQuestion(name="positive"), rg.TextQuestion(name="negative")],
+        metadata=[rg.TermsMetadataProperty(name="parent_section"), rg.TermsMetadataProperty(name="split"),
+                  rg.IntegerMetadataProperty(name="token_count"),
+                  *(rg.FloatMetadataProperty(name=sim) for sim in SIMILARITIES)],
+        vectors=[rg.VectorField(name=ANCHOR_VECTOR, dimensions=DIM)])).create()
+    with pytest.raises(StageError) as error:
+        publish_to_argilla(load_frames(scored_dir), argilla_server.url, argilla_server.api_key, name)
+    message = str(error.value)
+    assert "earlier version" in message and "new name" in message and "delete" in message
+    for missing in ("fields 'hard_negatives'", "metadata 'filter_status'", "metadata 'roundtrip_rank'",
+                    "metadata 'query_style'"):
+        assert f"{missing}: existing absent" in message, missing
+
+
+def test_record_ids_terms_and_markdown_without_a_server(mined_dir, scored_dir):
+    assert record_id("train", "abc") == "train-abc"
+    assert record_id("train", "abc", "keywords", 1.0) == "train-abc-keywords-1"
+    assert filter_term("dropped: roundtrip rank 14") == "dropped: roundtrip rank"
+    assert filter_term("dropped: near-duplicate") == "dropped: near-duplicate" and filter_term(None) is None
+    assert hard_negatives_markdown(np.array([], dtype=object)) is None and hard_negatives_markdown(None) is None
+    assert hard_negatives_markdown(["# Title\n\nbody"], ["c1"]) == "**1.** `c1`\n\n> # Title\n>\n> body"
+    records = build_records(load_frames(mined_dir))
+    assert len({r.id for r in records}) == len(records) == 7
+    old = build_records(load_frames(scored_dir))  # data from before mine_negatives: no filter metadata
+    assert all(not {"filter_status", "roundtrip_rank", "query_style"} & set(r.metadata) for r in old)
+    assert all("hard_negatives" not in r.fields for r in old)
+
+
 def test_argilla_one_rejected_record_keeps_the_rest(argilla_server, argilla_client, scored_dir):
     frames = load_frames(scored_dir)
     bad_id = record_id("train", frames["train"].loc[1, "chunk_id"])
@@ -187,6 +291,31 @@ def test_hub_push_replaces_only_the_network_calls(scored_dir, report_dir, monkey
                  "temperature", "train: 4", "test: 2", "0.1666", "0.5150", "sentence-transformers/all-MiniLM-L6-v2",
                  "run-42"):
         assert fact in card, fact
+
+
+def test_hub_card_has_the_filter_counts_and_the_new_columns(mined_dir, report_dir, monkeypatch):
+    from datasets import DatasetDict
+    from huggingface_hub import HfApi
+
+    stats = json.loads((report_dir / "stats.json").read_text())
+    stats["filters"] = {"train": {"rows": 5, "generated": 4, "failed": 1, "dropped_roundtrip": 1,
+                                  "dropped_near_duplicate": 1, "kept": 2},
+                        "test": {"rows": 2, "generated": 2, "failed": 0, "dropped_roundtrip": 0,
+                                 "dropped_near_duplicate": 0, "kept": 2}}
+    write_json(report_dir / "stats.json", stats)
+    pushed, uploaded = [], []
+    monkeypatch.setattr(DatasetDict, "push_to_hub", lambda self, repo_id, **kw: pushed.append(self))
+    monkeypatch.setattr(HfApi, "upload_file", lambda self, **kw: uploaded.append(kw))
+    publish_to_hub(load_frames(mined_dir), report_dir, "me/kf-mined", token="hf_test")
+    train = pushed[0]["train"]
+    expected = list(load_frames(mined_dir)["train"].loc[0, "hard_negatives"])
+    assert train.num_rows == 5 and train[0]["hard_negatives"] == expected
+    assert train[2]["roundtrip_rank"] is None and train[1]["filter_status"] == "dropped: roundtrip rank 14"
+    card = uploaded[0]["path_or_fileobj"].decode()
+    assert "| train | 5 | 4 | 1 | 1 | 1 | 2 |" in card and "| test | 2 | 2 | 0 | 0 | 0 | 2 |" in card
+    for column in ("roundtrip_rank", "filter_status", "hard_negatives", "hard_negative_ids", "margin_removed",
+                   "query_style"):
+        assert f"- `{column}`:" in card, column
 
 
 def test_hub_needs_a_token(scored_dir, report_dir, monkeypatch):

@@ -6,7 +6,14 @@ import json
 import pandas as pd
 import pytest
 
-from components.common import EMBEDDED_EMBEDDING_MODEL, OUTPUT_COLUMNS, StageError, write_json, write_splits
+from components.common import (
+    EMBEDDED_EMBEDDING_MODEL,
+    OUTPUT_COLUMNS,
+    StageError,
+    read_splits,
+    write_json,
+    write_splits,
+)
 from components.embed_score import embed_score
 from components.export import export
 from components.load_docs import load_docs
@@ -49,6 +56,65 @@ def test_report_counts_histograms_and_examples(tmp_path, stage_dirs):
     assert (tmp_path / "similarity_histograms.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (tmp_path / "report.md").read_text()
     assert "| generate_queries | test-llm: 6 generated, 0 from cache, 2 failed (25.0%)" in markdown
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    # Data without mine_negatives' columns: every valid row counts as kept, the filters as not run.
+    assert metrics["train_kept_rows"] == 3 and metrics["train_kept_fraction"] == 0.75
+    assert "train_dropped_roundtrip" not in metrics and "train_rows_short_of_hard_negatives" not in metrics
+    assert "| train | 4 | 3 | 1 | n/a | n/a | 3 | 100.0% |" in markdown
+
+
+# Per train chunk (3 valid, 1 failed) two queries, question and keywords; what each filter did to them.
+STATUSES = {"question": ["kept", "kept", "dropped: roundtrip rank 14", "dropped: generation failed"],
+            "keywords": ["kept", "dropped: near-duplicate", "dropped: roundtrip rank 11", "dropped: generation failed"]}
+
+
+def mined_frame(scored: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The scored rows as mine_negatives writes them (the column contract of issue 9): two styles per chunk."""
+    parts = []
+    for style, statuses in STATUSES.items():
+        part = scored.copy()
+        part["query_style"], part["query_variant"] = style, 0
+        part["filter_status"] = statuses if split == "train" else ["kept"] * 3 + ["dropped: generation failed"]
+        part["roundtrip_rank"] = [1, 2, 14 if style == "question" else 11, None]
+        # One valid row gets a single hard negative where three were asked; the failed row gets none.
+        part["hard_negatives"] = [[f"other chunk {i}.{n}" for n in range(1 if i == 1 and style == "keywords" else 3)]
+                                  if i < 3 else [] for i in range(len(part))]
+        part["hard_negative_ids"] = part["hard_negatives"].map(lambda texts: [f"id-{t}" for t in texts])
+        part["margin_removed"] = [0, 2, 1, None]
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def mined_dir(stage_dirs):
+    frames = read_splits(stage_dirs / "scored")
+    write_splits({split: mined_frame(frame, split) for split, frame in frames.items()}, stage_dirs / "mined")
+    write_json(stage_dirs / "mined" / "stats.json", {"settings": {"num_hard_negatives": 3, "roundtrip_k": 10}})
+    return stage_dirs / "mined"
+
+
+def test_report_filter_table_styles_and_mining(tmp_path, stage_dirs, mined_dir):
+    metrics = write_report(stage_dirs / "docs", stage_dirs / "triplets", stage_dirs / "scored", tmp_path,
+                           mined_dir=mined_dir)
+    assert metrics["train_rows"] == 8 and metrics["train_kept_rows"] == 3
+    assert metrics["train_dropped_roundtrip"] == 2 and metrics["train_dropped_near_duplicate"] == 1
+    assert metrics["train_kept_fraction"] == 0.375 and metrics["train_kept_fraction_of_generated"] == 0.5
+    assert metrics["test_kept_rows"] == 6 and metrics["test_dropped_roundtrip"] == 0
+    assert metrics["train_rows_question"] == 4 and metrics["train_kept_question"] == 2
+    assert metrics["train_kept_keywords"] == 1
+    assert metrics["train_rows_short_of_hard_negatives"] == 1 and metrics["test_rows_short_of_hard_negatives"] == 1
+    assert metrics["train_mean_margin_removed"] == 1.0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| train | 8 | 6 | 2 | 2 | 1 | 3 | 50.0% |" in markdown
+    assert "| test | 8 | 6 | 2 | 0 | 0 | 6 | 100.0% |" in markdown
+    assert "| train | question | 4 | 3 | 2 |" in markdown and "| train | keywords | 4 | 3 | 1 |" in markdown
+    assert "| train | 6 | 2.667 | 1 (of 3 asked) | 1.0 |" in markdown
+    assert "dropped: other" not in markdown  # every drop has a known reason
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="filters"' in page and "<th>train</th><td>question</td><td>4</td><td>3</td><td>2</td>" in page
+    assert "other chunk 0.0" in page  # the examples show the first hard negative
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["filters"]["train"]["kept"] == 3 and stats["mine_negatives"]["settings"]["num_hard_negatives"] == 3
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
 
