@@ -10,7 +10,7 @@ ARGS ?=
 ARGILLA_DATA := .argilla-data
 ARGILLA_PORT ?= 6900
 
-.PHONY: setup run test compile lock clean chromium argilla-ui argilla-stop images push manifests image-test-deps
+.PHONY: setup run test lint compile lock clean chromium argilla-ui argilla-stop images push manifests image-test-deps
 
 setup: $(STAMP)
 
@@ -29,8 +29,12 @@ $(STAMP): requirements.lock
 run: $(STAMP)
 	$(PY) pipeline.py run $(ARGS)
 
-test: $(STAMP) chromium image-test-deps
+test: $(STAMP) chromium image-test-deps lint
 	$(PY) -m pytest $(ARGS)
+
+# ruff: pycodestyle, pyflakes, import order and docstrings on public functions (settings in pyproject.toml).
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The browser test drives Debian's Chromium (never Playwright's download); install it only when missing.
 chromium:
