@@ -254,6 +254,24 @@ def valid_pairs(frame):
     return frame[keep]
 
 
+# Columns added by mine_negatives (issue 9): the round-trip rank, the filter verdict and the mined hard negatives.
+ROUNDTRIP_RANK = "roundtrip_rank"
+FILTER_STATUS = "filter_status"
+HARD_NEGATIVES = "hard_negatives"
+HARD_NEGATIVE_IDS = "hard_negative_ids"
+MARGIN_REMOVED = "margin_removed"
+KEPT = "kept"
+
+
+def training_rows(frame):
+    """Valid rows that passed every filter (filter_status == "kept"): the only rows that train a model or become
+    evaluation queries. Data from before mine_negatives has no filter_status: all its valid rows count as kept."""
+    rows = valid_pairs(frame)
+    if FILTER_STATUS in rows.columns:
+        rows = rows[rows[FILTER_STATUS].astype(str) == KEPT]
+    return rows
+
+
 
 def load_secret_into_env(resource: str, env_name: str) -> bool:
     """Put a Secret Manager secret into this process's environment (Vertex has no Kubernetes secrets).
