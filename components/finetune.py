@@ -161,15 +161,16 @@ def pick_precision() -> tuple[bool, str]:
     return True, "bf16" if torch.cuda.is_bf16_supported() else "fp32"
 
 
-def build_loss(model, dims: list[int], use_cuda: bool, mini_batch_size: int):
-    """MatryoshkaLoss over MNRL; on a GPU the cached MNRL, whose memory grows with the mini-batch, not the batch."""
+def build_loss(model, dims: list[int], cached: bool, mini_batch_size: int):
+    """MatryoshkaLoss over MNRL; `cached` (on a GPU) the cached MNRL, whose memory grows with the mini-batch, not
+    the batch: the same loss value, computed in mini-batches with gradient caching."""
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
         MultipleNegativesRankingLoss,
     )
 
-    inner = (CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size) if use_cuda
+    inner = (CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size) if cached
              else MultipleNegativesRankingLoss(model))
     return MatryoshkaLoss(model, inner, matryoshka_dims=dims)
 
@@ -273,7 +274,7 @@ def finetune(
     model = SentenceTransformer(path, device="cuda" if use_cuda else "cpu")
     full_dimension = int(model.get_embedding_dimension())
     dims = matryoshka_dims(full_dimension)
-    loss = build_loss(model, dims, use_cuda, mini_batch_size)
+    loss = build_loss(model, dims, cached=use_cuda, mini_batch_size=mini_batch_size)
     planned_steps = math.ceil(math.ceil(len(dataset) / batch_size) * epochs)
     settings = {"epochs": epochs, "batch_size": int(batch_size), "learning_rate": learning_rate,
                 "warmup_ratio": warmup_ratio, "seed": int(seed), "planned_steps": planned_steps}

@@ -11,10 +11,12 @@ import pytest
 from components.common import StageError, matryoshka_dims, resolve_embedding_model
 from components.finetune import (
     TRAINING_STATS,
+    build_loss,
     check_finite,
     column_prompts,
     finetune,
     negative_mode,
+    train,
     training_dataset,
 )
 
@@ -187,6 +189,18 @@ def test_the_other_negatives_modes_train_too(tmp_path, scored, prompted_base, mo
     stats = finetune(scored, tmp_path, str(prompted_base), negatives=mode, **{**TINY, "batch_size": 16})
     assert stats["negatives"] == mode and stats["hard_negative_columns"] == columns
     assert stats["optimizer_steps"] == 1 and (tmp_path / "model.safetensors").exists()
+
+
+def test_the_gpu_loss_trains_mined_n_tuples_on_cpu_too(scored, prompted_base):
+    """The cached loss a GPU run uses, inside MatryoshkaLoss, on mined n-tuples: one real optimizer step on CPU."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(prompted_base), device="cpu")
+    dataset, _ = training_dataset(pd.read_parquet(scored / "train.parquet"), "mined", seed=7)
+    loss = build_loss(model, [384, 64], cached=True, mini_batch_size=4)
+    assert type(loss.loss).__name__ == "CachedMultipleNegativesRankingLoss"
+    trained = train(model, dataset, loss, {**TINY, "batch_size": 16, "planned_steps": 1}, False, "fp32")
+    assert trained["optimizer_steps"] == 1 and np.isfinite(trained["train_loss"])
 
 
 @pytest.mark.slow
