@@ -1,9 +1,12 @@
-"""Stage 6, finetune: train the embedding model on the train split's valid (query, document) pairs.
+"""Stage 6, finetune: train the embedding model on the train split's rows that passed every filter.
 
 The generated query (`positive`) is the query and its chunk (`anchor`) the document, the direction retrieval
 runs in. MultipleNegativesRankingLoss uses the other documents in a batch as negatives (a no-duplicates batch
-sampler keeps a text from being its own negative), optionally plus the generated `negative` as an explicit hard
-negative; MatryoshkaLoss applies it at every dimension in `matryoshka_dims`, the full one included.
+sampler keeps a text out of a batch that already holds it, so with several queries per chunk a query never meets
+its own chunk as a negative), plus explicit hard negatives by `finetune_negatives`: "mined" (default) the row's
+`hard_negatives` from mine_negatives, "llm" the generated `negative`, "in-batch" none. On a GPU the cached variant
+(GradCache) computes the same loss in mini-batches, so the batch (and its in-batch negatives) can be large.
+MatryoshkaLoss applies it at every dimension in `matryoshka_dims`, the full one included.
 """
 
 import math
@@ -18,6 +21,7 @@ from kfp.dsl import Dataset, Input, Model, Output
 from components.common import (
     ANCHOR,
     DOCUMENT_PROMPT_NAMES,
+    HARD_NEGATIVES,
     NEGATIVE,
     POSITIVE,
     QUERY_PROMPT_NAMES,
@@ -28,6 +32,7 @@ from components.common import (
     read_splits,
     resolve_embedding_model,
     stage_component,
+    training_rows,
     valid_pairs,
     write_json,
 )
@@ -38,18 +43,20 @@ log = get_logger("finetune")
 # Cluster defaults (a few hundred to a thousand train rows): with batch 32 these give ~100 optimizer steps.
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_MINI_BATCH_SIZE = 32
 DEFAULT_LEARNING_RATE = 2e-5
 DEFAULT_WARMUP_RATIO = 0.1
 DEFAULT_SEED = 42
-# Measured on the Kubeflow corpus with the embedded 135M LLM (README): the generated negative as a hard negative
-# lowered NDCG@10, in-batch negatives alone raised it. Its negatives are often as close to the chunk as the
-# positive (false negatives); turn it on for data from a strong LLM after measuring.
-DEFAULT_USE_HARD_NEGATIVES = False
+NEGATIVE_MODES = ("mined", "in-batch", "llm")
+# Mined, positive-aware negatives are the issue-9 default; the generated negative lowered NDCG@10 on the embedded
+# 135M LLM's data (README: it is often as close to the chunk as the positive), so "llm" stays an option.
+DEFAULT_NEGATIVES = "mined"
 # Fewer optimizer steps than this rarely move a model; the stage warns, it does not refuse.
 FEW_STEPS = 50
 TRAINING_STATS = "training_stats.json"
 
 QUERY_COLUMN, DOCUMENT_COLUMN, HARD_NEGATIVE_COLUMN = "query", "document", "hard_negative"
+MINED_COLUMN = "negative_{}"  # negative_1 ... negative_k in mined mode
 
 
 @dataclass(frozen=True)
@@ -62,21 +69,87 @@ class FinetuneSettings:
     finetune_learning_rate: float = setting(DEFAULT_LEARNING_RATE, "peak learning rate", minimum=1e-9, maximum=1.0)
     finetune_warmup_ratio: float = setting(DEFAULT_WARMUP_RATIO, "fraction of the steps spent warming up",
                                            minimum=0.0, maximum=0.99)
-    finetune_hard_negatives: bool = setting(DEFAULT_USE_HARD_NEGATIVES, "add the generated negative as an explicit "
-                                            "hard negative (default: in-batch negatives only, the better of the two "
-                                            "on the embedded LLM's data; see README)")
+    finetune_negatives: str = setting(DEFAULT_NEGATIVES, "explicit negatives besides the batch's other chunks: "
+                                      "'mined' (mine_negatives' hard negatives), 'llm' (the generated negative) or "
+                                      "'in-batch' (none)", choices=NEGATIVE_MODES)
+    finetune_hard_negatives: bool = setting(False, "deprecated: true is finetune_negatives='llm' (the generated "
+                                            "negative as hard negative); false leaves finetune_negatives to decide")
+    finetune_mini_batch_size: int = setting(DEFAULT_MINI_BATCH_SIZE, "on a GPU, texts per forward pass of the cached "
+                                            "loss (memory only: the batch size stays the in-batch negatives)",
+                                            minimum=1)
     finetune_seed: int = setting(DEFAULT_SEED, "random seed of the training run", minimum=0, maximum=2**32 - 1)
 
 
-def training_pairs(frame, use_hard_negatives: bool):
-    """The columns the loss sees, in its order: query, document[, hard negative]; valid rows only."""
+def negative_mode(negatives: str, hard_negatives: bool = False) -> str:
+    """The negatives mode, with the deprecated `finetune_hard_negatives=true` meaning "llm" as it always did."""
+    if negatives not in NEGATIVE_MODES:
+        raise StageError(f"finetune_negatives must be one of {', '.join(NEGATIVE_MODES)}, not {negatives!r}.")
+    if hard_negatives and negatives != "llm":
+        log.warning("finetune_hard_negatives=true is deprecated: using finetune_negatives='llm' instead of %r",
+                    negatives)
+        return "llm"
+    return negatives
+
+
+def _as_list(value) -> list:
+    # Parquet hands list cells back as numpy arrays, and a row without negatives as None.
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    return [text for text in value if isinstance(text, str) and text.strip()]
+
+
+def mined_negative_columns(frame, rows, seed: int) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """negative_1..negative_k for `rows` (k = the most mined negatives any row has) and fill counts.
+
+    A row with fewer than k mined negatives (the margin removed candidates, or a small split) gets the missing ones
+    filled with random other chunks of the same split, seeded so a rerun trains on the same tuples: the loss needs
+    every row to have k negatives. A fill-in is never the row's own chunk nor one of its negatives already.
+    """
+    import numpy as np
+
+    if HARD_NEGATIVES not in frame.columns:
+        raise StageError(f"finetune_negatives='mined' needs the '{HARD_NEGATIVES}' column written by "
+                         "mine_negatives, and the train split has none. Run mine_negatives first, or set "
+                         "finetune_negatives to 'in-batch' or 'llm'.")
+    mined = [_as_list(value) for value in rows[HARD_NEGATIVES]]
+    width = max((len(negatives) for negatives in mined), default=0)
+    pool = list(dict.fromkeys(text for text in frame[ANCHOR] if isinstance(text, str)))
+    rng = np.random.default_rng(seed)
+    filled_rows = filled = 0
+    for negatives, own in zip(mined, rows[ANCHOR]):
+        need = width - len(negatives)
+        if need <= 0:
+            continue
+        excluded = {own, *negatives}
+        allowed = [text for text in pool if text not in excluded]
+        if not allowed:
+            raise StageError(f"The train split has {len(pool)} distinct chunks: too few to give a row {width} "
+                             "negatives other than its own chunk. Use more documents or finetune_negatives='in-batch'.")
+        # Repeats only when the split has fewer other chunks than a row needs.
+        picks = rng.choice(len(allowed), size=need, replace=len(allowed) < need)
+        negatives.extend(allowed[index] for index in picks)
+        filled_rows, filled = filled_rows + 1, filled + need
+    columns = {MINED_COLUMN.format(i + 1): [negatives[i] for negatives in mined] for i in range(width)}
+    return columns, {"hard_negative_columns": width, "rows_filled": filled_rows, "negatives_filled": filled}
+
+
+def training_dataset(frame, negatives: str = DEFAULT_NEGATIVES, seed: int = DEFAULT_SEED):
+    """(the columns the loss sees, in its order: query, document[, negatives...]; counts). Only training_rows(frame)
+    train: valid rows that passed every filter of mine_negatives."""
     from datasets import Dataset as HFDataset
 
-    rows = valid_pairs(frame)
+    rows = training_rows(frame)
     columns = {QUERY_COLUMN: list(rows[POSITIVE]), DOCUMENT_COLUMN: list(rows[ANCHOR])}
-    if use_hard_negatives:
+    counts = {"train_rows": len(frame), "valid_train_rows": len(valid_pairs(frame)),
+              "training_rows": len(rows), "hard_negative_columns": 0}
+    if negatives == "llm":
         columns[HARD_NEGATIVE_COLUMN] = list(rows[NEGATIVE])
-    return HFDataset.from_dict(columns)
+        counts["hard_negative_columns"] = 1
+    elif negatives == "mined":
+        mined, fill_counts = mined_negative_columns(frame, rows, seed)
+        columns.update(mined)
+        counts.update(fill_counts)
+    return HFDataset.from_dict(columns), counts
 
 
 def pick_precision() -> tuple[bool, str]:
@@ -88,6 +161,91 @@ def pick_precision() -> tuple[bool, str]:
     return True, "bf16" if torch.cuda.is_bf16_supported() else "fp32"
 
 
+def build_loss(model, dims: list[int], cached: bool, mini_batch_size: int):
+    """MatryoshkaLoss over MNRL; `cached` (on a GPU) the cached MNRL, whose memory grows with the mini-batch, not
+    the batch: the same loss value, computed in mini-batches with gradient caching."""
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    inner = (CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size) if cached
+             else MultipleNegativesRankingLoss(model))
+    return MatryoshkaLoss(model, inner, matryoshka_dims=dims)
+
+
+def column_prompts(model, column_names: list[str]) -> dict[str, str]:
+    """The trainer's `prompts`: the model's query prompt on the query column, its document prompt on the others."""
+    query_prompt = model_prompt(model, *QUERY_PROMPT_NAMES)
+    document_prompt = model_prompt(model, *DOCUMENT_PROMPT_NAMES)
+    prompts = {QUERY_COLUMN: query_prompt} if query_prompt else {}
+    if document_prompt:
+        prompts.update((name, document_prompt) for name in column_names if name != QUERY_COLUMN)
+    return prompts
+
+
+def check_finite(model, log_history: list[dict], train_loss: float) -> None:
+    """Fail the stage when training diverged: a NaN/inf loss in the trainer's log or any NaN/inf weight."""
+    import torch
+
+    losses = [entry["loss"] for entry in log_history if "loss" in entry] + [train_loss]
+    bad_loss = [loss for loss in losses if not math.isfinite(float(loss))]
+    bad_weights = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if bad_loss or bad_weights:
+        found = (f"{len(bad_loss)} non-finite loss values" if bad_loss else "a finite loss") + (
+            f" and non-finite weights in {len(bad_weights)} tensors (first: {bad_weights[0]})" if bad_weights else "")
+        raise StageError(f"Finetuning diverged: {found}. The model is not saved. Lower finetune_learning_rate "
+                         "(the default is 2e-05) or raise finetune_warmup_ratio, and run again.")
+
+
+def train(model, dataset, loss, settings: dict[str, Any], use_cuda: bool, precision: str) -> dict[str, Any]:
+    """Run the sentence-transformers trainer; (mean loss, loss history, steps, seconds); checks the result is finite."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+    with tempfile.TemporaryDirectory(prefix="finetune-") as checkpoints:
+        arguments = SentenceTransformerTrainingArguments(
+            output_dir=checkpoints,
+            num_train_epochs=settings["epochs"],
+            per_device_train_batch_size=settings["batch_size"],
+            learning_rate=settings["learning_rate"],
+            # Transformers 5 takes the warmup ratio as a float `warmup_steps` below 1 (`warmup_ratio` is deprecated).
+            warmup_steps=settings["warmup_ratio"],
+            batch_sampler=BatchSamplers.NO_DUPLICATES,
+            prompts=column_prompts(model, dataset.column_names) or None,
+            bf16=precision == "bf16",
+            use_cpu=not use_cuda,
+            seed=settings["seed"],
+            data_seed=settings["seed"],
+            save_strategy="no",
+            logging_steps=max(1, settings["planned_steps"] // 10),
+            report_to="none",
+            disable_tqdm=True,
+        )
+        trainer = SentenceTransformerTrainer(model=model, args=arguments, train_dataset=dataset, loss=loss)
+        result = trainer.train()
+    check_finite(model, trainer.state.log_history, result.training_loss)
+    return {"train_loss": float(result.training_loss),
+            "loss_history": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "optimizer_steps": int(trainer.state.global_step),
+            "train_seconds": float(result.metrics.get("train_runtime", 0.0))}
+
+
+def load_training_data(scored_dir, negatives: str, seed: int, batch_size: int):
+    """(dataset, counts, batch size): the train split's training rows; at least 2 of them, batch no larger."""
+    train = read_splits(scored_dir)["train"]
+    dataset, counts = training_dataset(train, negatives, seed)
+    if len(dataset) < 2:
+        raise StageError(f"The train split has {len(dataset)} training rows (of {len(train)}: failed generations, "
+                         "empty fields and rows dropped by mine_negatives' filters are left out); finetuning needs "
+                         "at least 2. Generate more data or relax the filters.")
+    if batch_size > len(dataset):
+        log.warning("batch size %d is more than the %d training rows; using %d", batch_size, len(dataset),
+                    len(dataset))
+    return dataset, counts, min(batch_size, len(dataset))
+
+
 def finetune(
     scored_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -96,112 +254,51 @@ def finetune(
     batch_size: int = DEFAULT_BATCH_SIZE,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     warmup_ratio: float = DEFAULT_WARMUP_RATIO,
-    use_hard_negatives: bool = DEFAULT_USE_HARD_NEGATIVES,
+    negatives: str = DEFAULT_NEGATIVES,
+    mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
     seed: int = DEFAULT_SEED,
 ) -> dict[str, Any]:
     """Finetune `embedding_model` on the train split; save the model folder and `training_stats.json` in it."""
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
-    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
-    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    from sentence_transformers import SentenceTransformer
     from transformers import set_seed
 
-    if epochs <= 0 or batch_size < 2 or learning_rate <= 0 or not 0 <= warmup_ratio < 1:
+    if epochs <= 0 or batch_size < 2 or learning_rate <= 0 or not 0 <= warmup_ratio < 1 or mini_batch_size < 1:
         raise StageError(f"Finetune settings out of range: epochs={epochs} (> 0), batch_size={batch_size} (>= 2, "
                          f"in-batch negatives need company), learning_rate={learning_rate} (> 0), "
-                         f"warmup_ratio={warmup_ratio} (0 to < 1).")
-    train = read_splits(scored_dir)["train"]
-    dataset = training_pairs(train, use_hard_negatives)
-    if len(dataset) < 2:
-        raise StageError(f"The train split has {len(dataset)} valid rows (of {len(train)}; failed generations and "
-                         "empty positives/negatives are left out); finetuning needs at least 2. Generate more data.")
-    if batch_size > len(dataset):
-        log.warning("batch size %d is more than the %d valid rows; using %d", batch_size, len(dataset), len(dataset))
-        batch_size = len(dataset)
-
+                         f"warmup_ratio={warmup_ratio} (0 to < 1), mini_batch_size={mini_batch_size} (>= 1).")
+    negatives = negative_mode(negatives)
+    dataset, counts, batch_size = load_training_data(scored_dir, negatives, seed, batch_size)
     use_cuda, precision = pick_precision()
     path, label = resolve_embedding_model(embedding_model)
     set_seed(seed)
     model = SentenceTransformer(path, device="cuda" if use_cuda else "cpu")
     full_dimension = int(model.get_embedding_dimension())
     dims = matryoshka_dims(full_dimension)
-    query_prompt = model_prompt(model, *QUERY_PROMPT_NAMES)
-    document_prompt = model_prompt(model, *DOCUMENT_PROMPT_NAMES)
-    # The trainer's `prompts` maps a column to the prompt prepended to its texts.
-    prompts = {}
-    if query_prompt:
-        prompts[QUERY_COLUMN] = query_prompt
-    if document_prompt:
-        prompts[DOCUMENT_COLUMN] = document_prompt
-        if use_hard_negatives:
-            prompts[HARD_NEGATIVE_COLUMN] = document_prompt
-
-    steps_per_epoch = math.ceil(len(dataset) / batch_size)
-    planned_steps = math.ceil(steps_per_epoch * epochs)
-    log.info("finetuning %s on %d valid train rows (of %d), %s hard negatives: %d epochs x %d steps = %d optimizer "
-             "steps, batch %d, lr %g, warmup %.2f, %s on %s, Matryoshka dims %s, query prompt %r",
-             label, len(dataset), len(train), "with" if use_hard_negatives else "without", epochs, steps_per_epoch,
-             planned_steps, batch_size, learning_rate, warmup_ratio, precision, "cuda" if use_cuda else "cpu", dims,
-             query_prompt)
+    loss = build_loss(model, dims, cached=use_cuda, mini_batch_size=mini_batch_size)
+    planned_steps = math.ceil(math.ceil(len(dataset) / batch_size) * epochs)
+    settings = {"epochs": epochs, "batch_size": int(batch_size), "learning_rate": learning_rate,
+                "warmup_ratio": warmup_ratio, "seed": int(seed), "planned_steps": planned_steps}
+    log.info("finetuning %s on %d training rows (of %d), negatives %s (%d columns), %s: %d optimizer steps, batch "
+             "%d, lr %g, warmup %.2f, %s on %s, Matryoshka dims %s", label, len(dataset), counts["train_rows"],
+             negatives, counts["hard_negative_columns"], type(loss.loss).__name__, planned_steps, batch_size,
+             learning_rate, warmup_ratio, precision, "cuda" if use_cuda else "cpu", dims)
     if planned_steps < FEW_STEPS:
         log.warning("only %d optimizer steps (< %d): expect little change; use more data, more epochs or a smaller "
                     "batch size", planned_steps, FEW_STEPS)
-
-    loss = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model), matryoshka_dims=dims)
-    with tempfile.TemporaryDirectory(prefix="finetune-") as checkpoints:
-        arguments = SentenceTransformerTrainingArguments(
-            output_dir=checkpoints,
-            num_train_epochs=epochs,
-            per_device_train_batch_size=batch_size,
-            learning_rate=learning_rate,
-            # Transformers 5 takes the warmup ratio as a float `warmup_steps` below 1 (`warmup_ratio` is deprecated).
-            warmup_steps=warmup_ratio,
-            batch_sampler=BatchSamplers.NO_DUPLICATES,
-            prompts=prompts or None,
-            bf16=precision == "bf16",
-            use_cpu=not use_cuda,
-            seed=seed,
-            data_seed=seed,
-            save_strategy="no",
-            logging_steps=max(1, planned_steps // 10),
-            report_to="none",
-            disable_tqdm=True,
-        )
-        trainer = SentenceTransformerTrainer(model=model, args=arguments, train_dataset=dataset, loss=loss)
-        result = trainer.train()
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        steps = int(trainer.state.global_step)
+    trained = train(model, dataset, loss, settings, use_cuda, precision)
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(output_dir))
     stats: dict[str, Any] = {
-        "base_model": label,
-        "dimension": full_dimension,
-        "matryoshka_dims": dims,
-        "query_prompt": query_prompt,
-        "document_prompt": document_prompt,
-        "use_hard_negatives": bool(use_hard_negatives),
-        "train_rows": int(len(train)),
-        "valid_train_rows": int(len(dataset)),
-        "epochs": epochs,
-        "batch_size": int(batch_size),
-        "learning_rate": learning_rate,
-        "warmup_ratio": warmup_ratio,
-        "seed": int(seed),
-        "optimizer_steps": steps,
-        "precision": precision,
-        "device": "cuda" if use_cuda else "cpu",
-        "train_loss": float(result.training_loss),
-        "loss_history": losses,
-        "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
-    }
+        **counts, **settings, **trained, "base_model": label, "dimension": full_dimension, "matryoshka_dims": dims,
+        "query_prompt": model_prompt(model, *QUERY_PROMPT_NAMES),
+        "document_prompt": model_prompt(model, *DOCUMENT_PROMPT_NAMES), "negatives": negatives,
+        "loss": f"MatryoshkaLoss({type(loss.loss).__name__})", "mini_batch_size": int(mini_batch_size),
+        "precision": precision, "device": "cuda" if use_cuda else "cpu"}
     write_json(output_dir / TRAINING_STATS, stats)
-    log.info("finetuned in %d steps (%.0f s), mean loss %.4f; saved to %s", steps, stats["train_seconds"],
-             stats["train_loss"], output_dir)
+    log.info("finetuned in %d steps (%.0f s), mean loss %.4f; saved to %s", stats["optimizer_steps"],
+             stats["train_seconds"], stats["train_loss"], output_dir)
     return stats
 
 
@@ -213,19 +310,22 @@ def finetune_component(
     finetune_batch_size: int,
     finetune_learning_rate: float,
     finetune_warmup_ratio: float,
+    finetune_negatives: str,
     finetune_hard_negatives: bool,
+    finetune_mini_batch_size: int,
     finetune_seed: int,
     model: Output[Model],
 ):
-    """Finetune the embedding model on the train split's valid triplets (MNRL inside MatryoshkaLoss)."""
-    from components.finetune import FinetuneSettings, finetune
+    """Finetune the embedding model on the train split's training rows (MNRL inside MatryoshkaLoss)."""
+    from components.finetune import FinetuneSettings, finetune, negative_mode
     from components.settings import from_arguments
 
     settings = from_arguments(FinetuneSettings, locals())
     stats = finetune(scored.path, model.path, embedding_model, epochs=settings.finetune_epochs,
                      batch_size=settings.finetune_batch_size, learning_rate=settings.finetune_learning_rate,
-                     warmup_ratio=settings.finetune_warmup_ratio, use_hard_negatives=settings.finetune_hard_negatives,
-                     seed=settings.finetune_seed)
-    model.metadata.update({key: stats[key] for key in ("base_model", "dimension", "matryoshka_dims",
-                                                        "optimizer_steps", "valid_train_rows", "precision",
-                                                        "use_hard_negatives", "train_loss")})
+                     warmup_ratio=settings.finetune_warmup_ratio,
+                     negatives=negative_mode(settings.finetune_negatives, settings.finetune_hard_negatives),
+                     mini_batch_size=settings.finetune_mini_batch_size, seed=settings.finetune_seed)
+    model.metadata.update({key: stats[key] for key in ("base_model", "dimension", "matryoshka_dims", "negatives",
+                                                        "optimizer_steps", "training_rows", "valid_train_rows",
+                                                        "precision", "loss", "train_loss")})

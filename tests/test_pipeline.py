@@ -94,11 +94,16 @@ def test_cluster_defaults_and_secret_reference_only(compiled):
     hub = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-evaluate-component"]
     assert hub["secretAsEnv"][0]["secretName"] == HF_SECRET_NAME
     assert not any("token" in name.lower() and ("hf" in name.lower() or "hub" in name.lower()) for name in defaults)
-    # Cluster finetuning defaults: ~100 optimizer steps on a thousand rows, in-batch negatives only (measured).
+    # Cluster finetuning defaults: ~100 optimizer steps on a thousand rows, mined hard negatives (issue 9).
     assert defaults["finetune_epochs"]["defaultValue"] == 3.0
     assert defaults["finetune_batch_size"]["defaultValue"] == 32
+    assert defaults["finetune_negatives"]["defaultValue"] == "mined"
+    assert defaults["finetune_mini_batch_size"]["defaultValue"] == 32
     assert defaults["finetune_hard_negatives"]["defaultValue"] is False
+    # The gate: an interval above zero, a gain of at least min_improvement, on at least 50 queries unless forced.
     assert defaults["min_improvement"]["defaultValue"] == 0.01
+    assert defaults["min_eval_queries"]["defaultValue"] == 50
+    assert defaults["force_export"]["defaultValue"] is False
 
 
 @pytest.mark.parametrize("target,committed", [("kfp", "pipeline.yaml"), ("vertex", "pipeline-vertex.yaml")])

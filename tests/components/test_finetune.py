@@ -1,4 +1,6 @@
-"""finetune: valid rows only, a real (tiny) training run that yields a loadable Matryoshka model, fixed seeds."""
+"""finetune: training rows only (valid and kept by the filters), the three negatives modes (mined n-tuples with
+seeded fill-ins), a real (tiny) training run per mode that yields a loadable Matryoshka model, fixed seeds, and a
+diverged run that fails the stage."""
 
 import json
 
@@ -7,7 +9,16 @@ import pandas as pd
 import pytest
 
 from components.common import StageError, matryoshka_dims, resolve_embedding_model
-from components.finetune import TRAINING_STATS, finetune, training_pairs
+from components.finetune import (
+    TRAINING_STATS,
+    build_loss,
+    check_finite,
+    column_prompts,
+    finetune,
+    negative_mode,
+    train,
+    training_dataset,
+)
 
 QUERY_PROMPT = "query: "
 
@@ -19,34 +30,96 @@ def test_matryoshka_dims_always_include_the_full_dimension():
     assert matryoshka_dims(32) == [32]
 
 
-def triplet_frame(kubeflow_docs, rows: int, invalid: int) -> pd.DataFrame:
-    """`rows` valid triplets from real chunks (short, to keep CPU time small), then `invalid` broken ones."""
-    texts = [text[:240] for text in pd.read_parquet(kubeflow_docs / "train.parquet")["page_content"].iloc[:rows + invalid]]
+def triplet_frame(kubeflow_docs, rows: int, invalid: int = 0, dropped: int = 0, negatives: int = 2) -> pd.DataFrame:
+    """`rows` kept triplets from real chunks (short, to keep CPU time small), then `invalid` broken ones, then
+    `dropped` valid rows that a filter of mine_negatives dropped. Row i's mined negatives are the next chunks, fewer
+    of them for every third row (as when the margin removed candidates)."""
+    total = rows + invalid + dropped
+    texts = [text[:240] for text in pd.read_parquet(kubeflow_docs / "train.parquet")["page_content"].iloc[:total]]
     frame = pd.DataFrame({
         "anchor": texts,
         "positive": [f"what does this say: {' '.join(t.split()[2:9])}?" for t in texts],
-        "negative": [f"how do I bake bread number {i}?" for i in range(len(texts))],
+        "negative": [f"how do I bake bread number {i}?" for i in range(total)],
         "generation_status": "generated",
-        "chunk_id": [f"c{i}" for i in range(len(texts))],
+        "chunk_id": [f"c{i}" for i in range(total)],
+        "filter_status": "kept",
+        "hard_negatives": [[texts[(i + j) % total] for j in range(1, negatives + 1 - (i % 3 == 0))]
+                           for i in range(total)],
     })
     # The ways a row can be unusable: generation failed, or a field is empty, whitespace or missing.
     broken = [("failed", "a query", "a negative"), ("generated", "", "a negative"), ("generated", "a query", "  "),
               ("cached", None, "a negative"), ("generated", "a query", None)]
     for offset in range(invalid):
         status, positive, negative = broken[offset % len(broken)]
-        index = rows + offset
-        frame.loc[index, ["generation_status", "positive", "negative"]] = [status, positive, negative]
+        frame.loc[rows + offset, ["generation_status", "positive", "negative"]] = [status, positive, negative]
+    for offset in range(dropped):
+        frame.loc[rows + invalid + offset, "filter_status"] = ("dropped: roundtrip rank 12", "dropped: near-duplicate",
+                                                               "dropped: generation failed")[offset % 3]
     return frame
 
 
-def test_rows_with_failed_or_empty_fields_never_reach_training(kubeflow_docs):
-    frame = triplet_frame(kubeflow_docs, rows=6, invalid=5)
-    with_negatives = training_pairs(frame, use_hard_negatives=True)
-    assert with_negatives.column_names == ["query", "document", "hard_negative"]
-    assert with_negatives["query"] == list(frame["positive"][:6])
-    assert with_negatives["document"] == list(frame["anchor"][:6])
-    without = training_pairs(frame, use_hard_negatives=False)
-    assert without.column_names == ["query", "document"] and len(without) == 6
+@pytest.mark.parametrize("mode", ["mined", "llm", "in-batch"])
+def test_failed_empty_and_filtered_rows_never_reach_training(kubeflow_docs, mode):
+    frame = triplet_frame(kubeflow_docs, rows=6, invalid=5, dropped=3)
+    dataset, counts = training_dataset(frame, mode, seed=1)
+    assert dataset["query"] == list(frame["positive"][:6])
+    assert dataset["document"] == list(frame["anchor"][:6])
+    assert counts["training_rows"] == 6 and counts["valid_train_rows"] == 9 and counts["train_rows"] == 14
+    extra = {"mined": ["negative_1", "negative_2"], "llm": ["hard_negative"], "in-batch": []}[mode]
+    assert dataset.column_names == ["query", "document", *extra]
+    if mode == "llm":
+        assert dataset["hard_negative"] == list(frame["negative"][:6])
+
+
+def test_a_frame_from_before_mine_negatives_trains_on_every_valid_row(kubeflow_docs):
+    frame = triplet_frame(kubeflow_docs, rows=4, invalid=2).drop(columns=["filter_status", "hard_negatives"])
+    dataset, _ = training_dataset(frame, "in-batch")
+    assert len(dataset) == 4
+    with pytest.raises(StageError, match="needs the 'hard_negatives' column.*mine_negatives"):
+        training_dataset(frame, "mined")
+
+
+def test_mined_mode_builds_full_n_tuples_and_fills_with_other_chunks_of_the_split(kubeflow_docs):
+    frame = triplet_frame(kubeflow_docs, rows=30, negatives=3)
+    dataset, counts = training_dataset(frame, "mined", seed=5)
+    assert dataset.column_names == ["query", "document", "negative_1", "negative_2", "negative_3"]
+    assert counts["hard_negative_columns"] == 3 and counts["rows_filled"] == 10 and counts["negatives_filled"] == 10
+    chunks = set(frame["anchor"])
+    for index, row in enumerate(dataset):
+        negatives = [row["negative_1"], row["negative_2"], row["negative_3"]]
+        mined = list(frame["hard_negatives"][index])
+        assert negatives[:len(mined)] == mined  # the mined ones first, in their order
+        assert row["document"] not in negatives  # never the row's own chunk
+        assert len(set(negatives)) == 3 and set(negatives) <= chunks  # distinct chunks of this split
+    again, _ = training_dataset(frame, "mined", seed=5)
+    assert again.to_dict() == dataset.to_dict()  # seeded: the same tuples on a rerun
+    other, _ = training_dataset(frame, "mined", seed=6)
+    assert other.to_dict() != dataset.to_dict()
+
+
+def test_fill_ins_never_take_the_own_chunk_even_when_the_split_is_tiny(kubeflow_docs):
+    frame = triplet_frame(kubeflow_docs, rows=3, negatives=2)
+    frame["hard_negatives"] = [[frame["anchor"][1], frame["anchor"][2]], [], []]
+    dataset, counts = training_dataset(frame, "mined", seed=0)
+    assert counts["rows_filled"] == 2 and counts["negatives_filled"] == 4
+    for row in dataset:
+        assert row["document"] not in (row["negative_1"], row["negative_2"])
+    frame = frame.iloc[:1].copy()
+    frame["hard_negatives"] = [[]]
+    dataset, counts = training_dataset(frame, "mined")
+    assert dataset.column_names == ["query", "document"] and counts["hard_negative_columns"] == 0  # none mined
+    # One distinct chunk in the split: nothing but the own chunk could fill, so the stage says what to change.
+    frame = pd.concat([frame, frame], ignore_index=True)
+    frame["hard_negatives"] = [["a chunk of the split that no row has"], []]
+    with pytest.raises(StageError, match="1 distinct chunks.*finetune_negatives='in-batch'"):
+        training_dataset(frame, "mined")
+
+
+def test_negatives_modes_and_the_deprecated_switch():
+    assert negative_mode("mined") == "mined" and negative_mode("in-batch", False) == "in-batch"
+    assert negative_mode("mined", True) == "llm"  # finetune_hard_negatives=true keeps its old meaning
+    with pytest.raises(StageError, match="one of mined, in-batch, llm"):
+        negative_mode("random")
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +134,21 @@ def prompted_base(tmp_path_factory):
     return folder
 
 
+def test_the_document_prompt_goes_on_the_document_and_every_negative_column(prompted_base):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(prompted_base), device="cpu", prompts={"query": "q: ", "document": "d: "})
+    assert column_prompts(model, ["query", "document", "negative_1", "negative_2"]) == {
+        "query": "q: ", "document": "d: ", "negative_1": "d: ", "negative_2": "d: "}
+    assert column_prompts(SentenceTransformer(str(prompted_base), device="cpu"), ["query", "document"]) == {
+        "query": QUERY_PROMPT}
+
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, kubeflow_docs):
     folder = tmp_path_factory.mktemp("scored")
-    triplet_frame(kubeflow_docs, rows=24, invalid=5).to_parquet(folder / "train.parquet", index=False)
-    triplet_frame(kubeflow_docs, rows=4, invalid=0).to_parquet(folder / "test.parquet", index=False)
+    triplet_frame(kubeflow_docs, rows=16, invalid=5, dropped=4).to_parquet(folder / "train.parquet", index=False)
+    triplet_frame(kubeflow_docs, rows=4).to_parquet(folder / "test.parquet", index=False)
     return folder
 
 
@@ -75,7 +158,7 @@ TINY = {"epochs": 1, "batch_size": 8, "learning_rate": 5e-5, "warmup_ratio": 0.1
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, scored, prompted_base):
     folder = tmp_path_factory.mktemp("tuned")
-    stats = finetune(scored, folder, str(prompted_base), use_hard_negatives=True, **TINY)
+    stats = finetune(scored, folder, str(prompted_base), negatives="mined", **TINY)
     return folder, stats
 
 
@@ -83,26 +166,49 @@ def test_finetune_yields_a_loadable_model_with_the_full_and_matryoshka_dimension
     from sentence_transformers import SentenceTransformer
 
     folder, stats = tuned
-    assert stats["valid_train_rows"] == 24 and stats["train_rows"] == 29
-    assert stats["optimizer_steps"] == 3  # ceil(24 / 8) batches, one epoch
+    assert stats["training_rows"] == 16 and stats["valid_train_rows"] == 20 and stats["train_rows"] == 25
+    assert stats["optimizer_steps"] == 2  # ceil(16 / 8) batches, one epoch: the dropped rows were not trained on
+    assert stats["negatives"] == "mined" and stats["hard_negative_columns"] == 2
+    assert stats["loss"] == "MatryoshkaLoss(MultipleNegativesRankingLoss)"  # on CPU; the cached loss on a GPU
     assert stats["matryoshka_dims"] == [384, 256, 128, 64] and stats["dimension"] == 384
     assert stats["query_prompt"] == QUERY_PROMPT and stats["precision"] == "fp32"
+    assert all(np.isfinite(stats["loss_history"])) and len(stats["loss_history"]) == 2
     assert json.loads((folder / TRAINING_STATS).read_text())["seed"] == 7
     model = SentenceTransformer(str(folder), device="cpu")
     assert model.prompts["query"] == QUERY_PROMPT  # the finetuned model keeps the base model's query prompt
     vectors = model.encode(["how do I run a pipeline?"], convert_to_numpy=True)
     assert vectors.shape == (1, 384)
-    base = SentenceTransformer(str(prompted_base), device="cpu").encode(["how do I run a pipeline?"], convert_to_numpy=True)
+    base_model = SentenceTransformer(str(prompted_base), device="cpu")
+    base = base_model.encode(["how do I run a pipeline?"], convert_to_numpy=True)
     assert not np.allclose(vectors, base)  # training changed the weights
     truncated = SentenceTransformer(str(folder), device="cpu", truncate_dim=64).encode(["x"], convert_to_numpy=True)
     assert truncated.shape == (1, 64)
+
+
+@pytest.mark.parametrize("mode,columns", [("llm", 1), ("in-batch", 0)])
+def test_the_other_negatives_modes_train_too(tmp_path, scored, prompted_base, mode, columns):
+    stats = finetune(scored, tmp_path, str(prompted_base), negatives=mode, **{**TINY, "batch_size": 16})
+    assert stats["negatives"] == mode and stats["hard_negative_columns"] == columns
+    assert stats["optimizer_steps"] == 1 and (tmp_path / "model.safetensors").exists()
+
+
+def test_the_gpu_loss_trains_mined_n_tuples_on_cpu_too(scored, prompted_base):
+    """The cached loss a GPU run uses, inside MatryoshkaLoss, on mined n-tuples: one real optimizer step on CPU."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(prompted_base), device="cpu")
+    dataset, _ = training_dataset(pd.read_parquet(scored / "train.parquet"), "mined", seed=7)
+    loss = build_loss(model, [384, 64], cached=True, mini_batch_size=4)
+    assert type(loss.loss).__name__ == "CachedMultipleNegativesRankingLoss"
+    trained = train(model, dataset, loss, {**TINY, "batch_size": 16, "planned_steps": 1}, False, "fp32")
+    assert trained["optimizer_steps"] == 1 and np.isfinite(trained["train_loss"])
 
 
 @pytest.mark.slow
 def test_same_seed_same_model(tmp_path, tuned, scored, prompted_base):
     from sentence_transformers import SentenceTransformer
 
-    again = finetune(scored, tmp_path / "again", str(prompted_base), use_hard_negatives=True, **TINY)
+    again = finetune(scored, tmp_path / "again", str(prompted_base), negatives="mined", **TINY)
     assert again["loss_history"] == tuned[1]["loss_history"]
     texts = ["how do I run a pipeline?", "Katib tunes hyperparameters."]
     first = SentenceTransformer(str(tuned[0]), device="cpu").encode(texts, convert_to_numpy=True)
@@ -110,12 +216,43 @@ def test_same_seed_same_model(tmp_path, tuned, scored, prompted_base):
     assert np.array_equal(first, second)
 
 
-def test_too_few_valid_rows_or_bad_settings_stop_with_the_reason(tmp_path, kubeflow_docs, prompted_base):
+def test_non_finite_loss_or_weights_fail_with_the_advice_to_lower_the_learning_rate(prompted_base):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(prompted_base), device="cpu")
+    check_finite(model, [{"loss": 1.2}, {"learning_rate": 1e-5}], 1.1)  # a healthy run passes
+    with pytest.raises(StageError, match="1 non-finite loss values.*Lower finetune_learning_rate"):
+        check_finite(model, [{"loss": 1.2}, {"loss": float("nan")}], 1.1)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("inf"))
+    with pytest.raises(StageError, match="non-finite weights in 1 tensors.*Lower finetune_learning_rate"):
+        check_finite(model, [{"loss": 1.2}], 1.1)
+
+
+def test_a_diverging_run_fails_the_stage_and_saves_no_model(tmp_path, scored, prompted_base):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    # A base whose attention weights are NaN: training on it yields a NaN loss, as a blown-up learning rate does.
+    broken = SentenceTransformer(str(prompted_base), device="cpu")
+    with torch.no_grad():
+        for name, parameter in broken.named_parameters():
+            if "attention.self.query.weight" in name:
+                parameter.fill_(float("nan"))
+    broken.save(str(tmp_path / "broken"))
+    with pytest.raises(StageError, match="Finetuning diverged.*not saved.*Lower finetune_learning_rate"):
+        finetune(scored, tmp_path / "model", str(tmp_path / "broken"), negatives="in-batch",
+                 **{**TINY, "batch_size": 16})
+    assert not (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_too_few_training_rows_or_bad_settings_stop_with_the_reason(tmp_path, kubeflow_docs, prompted_base):
     folder = tmp_path / "scored"
     folder.mkdir()
-    triplet_frame(kubeflow_docs, rows=1, invalid=3).to_parquet(folder / "train.parquet", index=False)
-    triplet_frame(kubeflow_docs, rows=1, invalid=0).to_parquet(folder / "test.parquet", index=False)
-    with pytest.raises(StageError, match="1 valid rows \\(of 4"):
+    triplet_frame(kubeflow_docs, rows=1, invalid=2, dropped=1).to_parquet(folder / "train.parquet", index=False)
+    triplet_frame(kubeflow_docs, rows=1).to_parquet(folder / "test.parquet", index=False)
+    with pytest.raises(StageError, match="1 training rows \\(of 4.*dropped by mine_negatives"):
         finetune(folder, tmp_path / "model", str(prompted_base))
     with pytest.raises(StageError, match="batch_size=1"):
         finetune(folder, tmp_path / "model", str(prompted_base), batch_size=1)

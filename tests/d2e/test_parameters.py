@@ -15,7 +15,7 @@ def test_groups_follow_the_data_and_every_stage_with_settings_is_listed():
         "evaluate"]
     assert [s.name for s in parameters.group_specs("finetune")] == [
         "finetune_epochs", "finetune_batch_size", "finetune_learning_rate", "finetune_warmup_ratio",
-        "finetune_hard_negatives", "finetune_seed"]
+        "finetune_negatives", "finetune_hard_negatives", "finetune_mini_batch_size", "finetune_seed"]
 
 
 def test_each_target_shows_only_its_own_cluster_settings():
@@ -39,7 +39,8 @@ def test_signature_has_cluster_defaults_and_kfp_types():
 def test_stage_arguments_are_that_stages_settings_by_name():
     values = {s.name: f"value-{s.name}" for s in parameters.group_specs()}
     assert parameters.stage_arguments("evaluate", values) == {
-        "min_improvement": "value-min_improvement", "model_export_uri": "value-model_export_uri",
+        "min_improvement": "value-min_improvement", "min_eval_queries": "value-min_eval_queries",
+        "force_export": "value-force_export", "model_export_uri": "value-model_export_uri",
         "hub_model_repo": "value-hub_model_repo"}
 
 
