@@ -1,4 +1,4 @@
-"""Stage 7, evaluate: retrieval quality of the base and the finetuned model, and the export gate.
+"""The evaluate stage: retrieval quality of the base and the finetuned model, and the export gate.
 
 Queries are the test split's valid generated queries (`positive`); the corpus is every chunk (`anchor`) of
 train and test, one entry per `chunk_id`; a query's one relevant document is its own chunk. Both models see the
