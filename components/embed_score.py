@@ -1,4 +1,4 @@
-"""Stage 3, embed_score: embed anchor, positive and negative once each and score the triplets.
+"""The embed_score stage: embed anchor, positive and negative once each and score the triplets.
 
 The model is loaded once; every distinct text is encoded once (anchors are not encoded twice), with
 normalised embeddings, so cosine similarity is a dot product. CUDA in half precision when present.

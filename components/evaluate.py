@@ -1,4 +1,4 @@
-"""Stage 7, evaluate: retrieval quality of the base and the finetuned model, and the export gate.
+"""The evaluate stage: retrieval quality of the base and the finetuned model, and the export gate.
 
 Queries are the test split's training rows (`positive` of valid rows that passed every filter of mine_negatives: a
 filtered row never becomes a query); the corpus is every distinct chunk (`anchor`, one per `chunk_id`) of the test

@@ -1,4 +1,4 @@
-"""Stage 5, export: the final dataset as parquet per split, published columns first, plus the report files.
+"""The export stage: the final dataset as parquet per split, published columns first, plus the report files.
 
 Written into the stage's output artifact and, when `output_uri` is set, into that results folder (a local folder
 or gs:// prefix; docs/configuration.md#where-exports-go), each followed by `export.json`: the manifest, last.

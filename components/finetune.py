@@ -1,4 +1,4 @@
-"""Stage 6, finetune: train the embedding model on the train split's rows that passed every filter.
+"""The finetune stage: train the embedding model on the train split's rows that passed every filter.
 
 The generated query (`positive`) is the query and its chunk (`anchor`) the document, the direction retrieval
 runs in. MultipleNegativesRankingLoss uses the other documents in a batch as negatives (a no-duplicates batch

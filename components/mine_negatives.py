@@ -1,4 +1,4 @@
-"""Stage 4, mine_negatives: filter the generated queries and mine hard negatives from the corpus.
+"""The mine_negatives stage: filter the generated queries and mine hard negatives from the corpus.
 
 Every row of embed_score's output comes out again, marked: `filter_status` says "kept" or why it was dropped, so
 the report and Argilla still show dropped rows; training and evaluation read only kept rows

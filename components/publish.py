@@ -1,4 +1,4 @@
-"""Stage 6, publish: the scored dataset to Argilla (review), the Hugging Face Hub (reuse) and object storage.
+"""The publish stage: the scored dataset to Argilla (review), the Hugging Face Hub (reuse) and object storage.
 
 Each target is optional: an empty URL / repo / URI skips it with one log line. Secrets come from the
 environment only (ARGILLA_API_KEY, HF_TOKEN; Kubernetes secrets in the cluster), never from parameters.

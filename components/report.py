@@ -1,4 +1,4 @@
-"""Stage 4, report: what each stage did, in an HTML page for the KFP UI, a Markdown file and a Metrics artifact.
+"""The report stage: what each stage did, in an HTML page for the KFP UI, a Markdown file and a Metrics artifact.
 
 The filter counts, query styles and mining summary are read from the rows themselves (the columns of
 mine_negatives), so a dataset made before that stage existed still gets a report: all its valid rows count as kept.

@@ -32,17 +32,20 @@ def test_compiled_pipeline_has_every_stage_with_its_own_image(compiled):
     assert len(set(images.values())) == len(STAGES)
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {f"{stage}-component" for stage in STAGES}
-    # Every stage after mining reads the mined (filtered, with hard negatives) dataset, never embed_score's.
+    # Every stage after mining reads the mined (filtered, with hard negatives) dataset; the report also reads
+    # embed_score's statistics.
     assert tasks["mine-negatives-component"]["dependentTasks"] == ["embed-score-component"]
-    assert tasks["report-component"]["dependentTasks"] == ["generate-queries-component", "load-docs-component",
-                                                           "mine-negatives-component"]
+    assert tasks["report-component"]["dependentTasks"] == ["embed-score-component", "generate-queries-component",
+                                                           "load-docs-component", "mine-negatives-component"]
     assert tasks["export-component"]["dependentTasks"] == ["mine-negatives-component", "report-component"]
     assert tasks["publish-component"]["dependentTasks"] == ["mine-negatives-component", "report-component"]
     assert tasks["finetune-component"]["dependentTasks"] == ["mine-negatives-component"]
     assert tasks["evaluate-component"]["dependentTasks"] == ["finetune-component", "mine-negatives-component"]
-    for task in ("report", "export", "publish", "finetune", "evaluate"):
+    for task in ("export", "publish", "finetune", "evaluate"):
         scored = tasks[f"{task}-component"]["inputs"]["artifacts"]["scored"]["taskOutputArtifact"]
         assert scored == {"outputArtifactKey": "mined", "producerTask": "mine-negatives-component"}, task
+    mined = tasks["report-component"]["inputs"]["artifacts"]["mined"]["taskOutputArtifact"]
+    assert mined == {"outputArtifactKey": "mined", "producerTask": "mine-negatives-component"}
     mine_inputs = tasks["mine-negatives-component"]["inputs"]
     assert mine_inputs["artifacts"]["scored"]["taskOutputArtifact"] == {
         "outputArtifactKey": "scored", "producerTask": "embed-score-component"}

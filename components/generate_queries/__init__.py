@@ -1,4 +1,4 @@
-"""Stage 2, generate_queries: a distilabel pipeline that writes a positive and a negative query per chunk.
+"""The generate_queries stage: a distilabel pipeline that writes a positive and a negative query per chunk.
 
 `GenerateSentencePair(triplet=True, action="query", context=...)` formats the prompt. Around it this package
 adds what a production run needs: JSON-constrained output (small models otherwise drop the negative),
@@ -7,9 +7,10 @@ re-run, a retried pod or an overlapping run never pays twice), and per-row statu
 failed row is kept and counted rather than dropped.
 
 Modules: `settings` (GenerationSettings, the user settings; GenerationTuning, internal knobs), `llm` (the LLM spec
-and client), `validation` (parsing and checking replies), `cache` (the row cache), `retries` (which errors are
-retried and when), `cost` (prices, cost, estimate), `batch_api` (OpenAI Batch API jobs), `status` (the per-row
-status columns), `task` (the distilabel task; imports distilabel), `run` (a whole run), `component` (KFP).
+and client), `prompts` (query styles and the prompt, from `templates/`), `validation` (parsing and checking
+replies), `cache` (the row cache), `retries` (which errors are retried and when), `cost` (prices, cost, estimate),
+`batch_api` (OpenAI Batch API jobs), `status` (the per-row status columns), `task` (the distilabel task; imports
+distilabel), `run` (a whole run), `component` (KFP).
 """
 
 from components.generate_queries.cache import CACHE_SCHEMA_VERSION, RowCache, open_cache

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from components.common import StageError, read_splits
 from components.generate_queries.llm import LLMSpec, parse_llm_spec
-from components.generate_queries.prompts import STYLE_COLUMN, parse_styles, query_rows
+from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, parse_styles, query_rows
 from components.generate_queries.settings import GenerationSettings
 
 # What a reply costs in tokens, for the estimate mode: two short questions in a JSON object.
@@ -146,7 +146,7 @@ def estimate_generation(
         for row in query_rows(frame.to_dict("records"), styles, settings.queries_per_chunk):
             rows += 1
             messages = task.format_input(row)
-            if task.cached_pair(messages, row[STYLE_COLUMN]) is not None:
+            if task.cached_pair(messages, row[STYLE_COLUMN], row[VARIANT_COLUMN]) is not None:
                 cached += 1
                 continue
             prompt_tokens += sum(chars_to_tokens(message["content"]) + 4 for message in messages)

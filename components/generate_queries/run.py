@@ -80,7 +80,7 @@ def _checked_spec(settings: GenerationSettings) -> LLMSpec:
     except ValueError as error:
         raise StageError(str(error)) from error
     if settings.llm_use_batch_api and (spec.provider != "openai" or not settings.llm_cache_uri):
-        raise StageError("The Batch API needs --llm openai:MODEL and an LLM cache (--llm-cache / llm_cache_uri), "
+        raise StageError("The Batch API needs --llm openai:MODEL and an LLM cache (--llm-cache-uri / llm_cache_uri), "
                          "where the submitted job ids are kept so a re-run resumes them.")
     return spec
 

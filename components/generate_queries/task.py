@@ -117,13 +117,21 @@ class QueryTripletTask(GenerateSentencePair):
                 return f"{key} restates the instructions"
         return None
 
-    def cache_key(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE) -> str:
-        """The row cache key of a prompt with this task's model and its style's generation arguments."""
-        return row_cache_key(self._identity, messages, self._generation_kwargs(style))
+    def cache_key(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE, variant: int = 0) -> str:
+        """The row cache key of a prompt with this task's model and its style's generation arguments.
 
-    def cached_pair(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE) -> Optional[dict[str, Any]]:
+        A chunk's queries of one style differ by their worked example; past the last example the prompt repeats,
+        so from there on the variant itself is part of the key (earlier keys stay as they were).
+        """
+        generation = self._generation_kwargs(style)
+        if variant >= len(styles()[style]["examples"]):
+            generation = {**generation, "query_variant": variant}
+        return row_cache_key(self._identity, messages, generation)
+
+    def cached_pair(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE,
+                    variant: int = 0) -> Optional[dict[str, Any]]:
         """The cached entry for a prompt when it holds a pair, else None."""
-        entry = self._cache.get(self.cache_key(messages, style))
+        entry = self._cache.get(self.cache_key(messages, style, variant))
         return entry if _is_pair(entry) else None
 
     def process(self, inputs: StepInput):  # type: ignore[override]
@@ -132,7 +140,8 @@ class QueryTripletTask(GenerateSentencePair):
         requests = []
         for row in rows:
             messages = self.format_input(row)
-            requests.append(RowRequest(row, self.cache_key(messages, _style(row)), messages))
+            key = self.cache_key(messages, _style(row), int(row.get(VARIANT_COLUMN) or 0))
+            requests.append(RowRequest(row, key, messages))
         pending = self._serve_from_cache(requests)
         if pending and self.settings.llm_use_batch_api:
             self._generate_rows_batch_api(pending)

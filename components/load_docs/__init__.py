@@ -1,4 +1,4 @@
-"""Stage 1, load_docs: documentation chunks from the Hub, parquet, a saved DatasetDict or Markdown files.
+"""The load_docs stage: documentation chunks from the Hub, parquet, a saved DatasetDict or Markdown files.
 
 Output: `train.parquet` and `test.parquet` with the chunk text as `anchor`, the metadata columns kept,
 a stable `chunk_id`, and `stats.json` with what was dropped or split and why.
