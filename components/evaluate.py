@@ -295,6 +295,7 @@ def evaluate_component(
 
     The model goes to model_export_uri, else to <output_uri>/model (components.storage.export_targets).
     """
+    import shutil
 
     from components.evaluate import EvaluateSettings, copy_evaluation_files, evaluate
     from components.settings import from_arguments
