@@ -12,7 +12,6 @@ NaN or infinite embeddings or metrics fail the stage; evaluation.json is written
 """
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
