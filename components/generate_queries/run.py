@@ -15,7 +15,7 @@ from components.generate_queries.cost import estimated_cost, parse_prices, price
 from components.generate_queries.llm import LLMSpec, build_llm, parse_llm_spec, response_format_for
 from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, parse_styles, query_rows
 from components.generate_queries.settings import GenerationSettings, GenerationTuning
-from components.generate_queries.status import GENERATED_COLUMNS, new_status
+from components.generate_queries.status import GENERATED_COLUMNS, from_transport, new_status
 from components.settings import as_dict
 
 log = get_logger("generate_queries")
@@ -90,6 +90,7 @@ def _generated_fields(generated: Optional[dict[str, Any]], spec: LLMSpec) -> dic
         # A batch distilabel could not process (the step raised; distilabel fills its outputs with None):
         # keep the row, mark it failed.
         return new_status(spec.label, error="no output from the generation step")
+    generated = from_transport(generated)
     return {key: generated.get(key) for key in GENERATED_COLUMNS}
 
 

@@ -18,6 +18,22 @@ STATUS_COLUMNS = (
 GENERATED_COLUMNS = (POSITIVE, NEGATIVE, MODEL_NAME, *STATUS_COLUMNS)
 
 
+# Text outputs that may have no value. distilabel writes each batch to its own parquet file and reads them back as one
+# dataset: a column that is all None in one batch (typed null) and text in another cannot be read back. Between the
+# task and the run they travel as "" and are turned back into None.
+OPTIONAL_TEXT = (POSITIVE, NEGATIVE, "generation_error", "review_flag")
+
+
+def for_transport(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with missing optional texts as "" (see OPTIONAL_TEXT)."""
+    return {**row, **{key: "" for key in OPTIONAL_TEXT if row.get(key) is None}}
+
+
+def from_transport(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with "" optional texts as None again."""
+    return {**row, **{key: None for key in OPTIONAL_TEXT if row.get(key) == ""}}
+
+
 def new_status(model_label: str, error: Optional[str] = None) -> dict[str, Any]:
     """The output fields of a row before any attempt: failed until a pair is accepted, no pair, zero counts."""
     return {POSITIVE: None, NEGATIVE: None, MODEL_NAME: model_label, "generation_status": "failed",

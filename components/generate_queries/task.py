@@ -32,6 +32,7 @@ from components.generate_queries.retries import describe_error, request_retrying
 from components.generate_queries.settings import GenerationSettings, GenerationTuning
 from components.generate_queries.status import (
     GENERATED_COLUMNS,
+    for_transport,
     new_status,
     record_attempt,
     record_failure,
@@ -155,7 +156,7 @@ class QueryTripletTask(GenerateSentencePair):
         retries = sum(row["llm_retries"] for row in rows)
         self._logger.info("generated %d/%d rows (%d failed, %d retried requests in this batch)", self._done,
                           self.total_rows, failed, retries)
-        yield rows
+        yield [for_transport(row) for row in rows]
 
     # -- one attempt -----------------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from components.generate_queries import (
 from components.load_docs import load_docs
 from components.storage import GCSStore, LocalStore, open_store
 from tests.conftest import PROJECT_ROOT
-from tests.support.servers import always, anchor_id, every_third_fails
+from tests.support.servers import always, anchor_id, anchor_of, every_third_fails
 
 FAKE_KEY = "sk-test-DO-NOT-LEAK-123"
 TEST_PRICES = json.dumps({"test-model": [1.0, 2.0]})  # US$ per 1M tokens, for a model the table does not know
@@ -241,6 +241,20 @@ def test_invalid_answers_past_the_threshold_fail_the_run_and_keep_partial_result
     assert (rows["generation_error"] == "negative missing").all()
     assert len(server.log) == 12  # two attempts per row, bounded
     assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_batches_with_and_without_failures_are_read_back_together(tmp_path, chunks_6, openai_server):
+    # distilabel stores each batch as its own parquet file: a text column that is empty in one batch and filled in
+    # another must still read back as one dataset (it once failed with "Unsupported cast from string to null").
+    last = read_rows(chunks_6)["anchor"].iloc[-1]
+    server = openai_server(script=lambda number, body: "missing_negative" if anchor_of(body) == " ".join(last.split())
+                           else "ok")
+    settings = fast_settings(tmp_path, llm_concurrency=1, generation_batch_size=2, max_failure_rate=1.0)
+    stats = generate(chunks_6, tmp_path / "out", settings, max_attempts=2)
+    rows = read_rows(tmp_path / "out")
+    assert (stats["generated"], stats["failed"]) == (5, 1) and len(server.log) == 7
+    assert rows["generation_error"].iloc[:5].isna().all() and rows["generation_error"].iloc[5] == "negative missing"
+    assert rows["positive"].iloc[:5].notna().all() and pd.isna(rows["positive"].iloc[5])
 
 
 def test_a_rejected_key_is_not_retried(tmp_path, chunks_6, openai_server):

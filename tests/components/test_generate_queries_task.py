@@ -26,6 +26,7 @@ from components.generate_queries import (
     generate_queries_component,
     summarise,
 )
+from components.generate_queries.status import from_transport
 from components.generate_queries.task import QueryTripletTask
 from components.settings import SettingError, build, specs
 
@@ -108,7 +109,7 @@ def make_task(tmp_path, monkeypatch):
 def run(task: QueryTripletTask, *names: str) -> dict[str, dict[str, Any]]:
     """One batch through the task; its output rows by chunk name."""
     rows = next(task.process([{"anchor": ANCHORS[name], "chunk_id": name} for name in names]))
-    return {row["chunk_id"]: row for row in rows}
+    return {row["chunk_id"]: from_transport(row) for row in rows}
 
 
 def test_json_and_section_replies_become_pairs(make_task):
