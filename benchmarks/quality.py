@@ -232,7 +232,6 @@ def run(fixture: Path = fixture_module.FIXTURE, work_dir: Path = WORK_DIR, outpu
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line: run, make-fixture, generate."""
-    defaults = bench_train_settings()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("run", help="run the ablation and write docs/quality.md")
@@ -241,8 +240,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     bench.add_argument("--output", type=Path, default=OUTPUT)
     bench.add_argument("--fresh", action="store_true", help="delete the cache first")
     for field in dataclasses.fields(stages.TrainSettings):
-        bench.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                           default=getattr(defaults, field.name), help=f"finetune {field.name} (default: %(default)s)")
+        bench.add_argument(f"--{field.name.replace('_', '-')}", type=float if field.type is float else int,
+                           help=f"finetune {field.name} (default: " + (f"{BENCH_EPOCHS:g}" if field.name == "epochs"
+                                                                        else "a local pipeline run's") + ")")
     make = commands.add_parser("make-fixture", help="concatenate generate_queries output folders into the fixture")
     make.add_argument("folders", nargs="+", type=Path)
     make.add_argument("--fixture", type=Path, default=fixture_module.FIXTURE)
@@ -252,6 +252,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     generate.add_argument("--split", choices=(*SPLITS, "both"), default="both")
     generate.add_argument("--queries-per-chunk", type=int, default=1)
     generate.add_argument("--llm-cache", default=None, help="LLM cache folder (default: the local run's)")
+    generate.add_argument("--limit", type=int, default=0, help="at most N chunks per split (0: all)")
     return parser.parse_args(argv)
 
 
@@ -265,11 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                                             fixture_module.README if args.fixture == fixture_module.FIXTURE else None)
         print(f"wrote {args.fixture}: {len(frame)} rows\n{fixture_module.counts(frame)}")
     elif args.command == "generate":
-        stats = stages.generate(args.source, args.output_dir, args.split, args.queries_per_chunk, args.llm_cache)
+        stats = stages.generate(args.source, args.output_dir, args.split, args.queries_per_chunk, args.llm_cache,
+                                args.limit)
         print(f"wrote {args.output_dir}: {stats['rows']} rows, {stats['failed']} failed")
     else:
-        train = stages.TrainSettings(**{field.name: getattr(args, field.name)
-                                        for field in dataclasses.fields(stages.TrainSettings)})
+        given = {field.name: getattr(args, field.name) for field in dataclasses.fields(stages.TrainSettings)}
+        train = dataclasses.replace(bench_train_settings(),
+                                    **{name: value for name, value in given.items() if value is not None})
         run(args.fixture, args.work_dir, args.output, train, args.fresh)
     return 0
 

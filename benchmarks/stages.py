@@ -57,10 +57,10 @@ def source_hash(step: str) -> str:
 
 
 def generate(source: str, output_dir: Path, split: str, queries_per_chunk: int,
-             llm_cache: str | None = None) -> dict[str, Any]:
+             llm_cache: str | None = None, limit: int = 0) -> dict[str, Any]:
     """load_docs then generate_queries with the local (embedded LLM) settings, for one split or both; the other
     split is left empty so a long generation can run in passes. Every row is kept, failed ones too. The LLM cache
-    is the local run's unless given."""
+    is the local run's unless given; `limit` (0: all) chunks per split, for a quick try."""
     from components.generate_queries import GenerationSettings
     from components.generate_queries.run import generate_queries
     from components.load_docs import load_docs
@@ -70,7 +70,7 @@ def generate(source: str, output_dir: Path, split: str, queries_per_chunk: int,
     settings = build(GenerationSettings, values if llm_cache is None else {**values, "llm_cache_uri": llm_cache},
                      local=True)
     with tempfile.TemporaryDirectory(prefix="quality-docs-") as docs:
-        load_docs(source, docs)
+        load_docs(source, docs, limit=limit or None)
         if split != "both":
             frames = read_splits(docs)
             write_splits({name: frame if name == split else frame.head(0) for name, frame in frames.items()}, docs)
