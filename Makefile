@@ -29,12 +29,6 @@ $(STAMP): requirements.lock
 run: $(STAMP)
 	$(PY) pipeline.py run $(ARGS)
 
-# The quality benchmark: the ablation on the committed fixture of generated Kubeflow queries, written to
-# docs/quality.md (stage outputs cached in .cache/quality). ARGS="--epochs 3" changes the finetune settings.
-.PHONY: quality
-quality: $(STAMP)
-	$(PY) -m benchmarks.quality run $(ARGS)
-
 test: $(STAMP) chromium image-test-deps
 	$(PY) -m pytest $(ARGS)
 
@@ -95,6 +89,12 @@ image-test-deps:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap; \
 	else echo "warning: podman/runc/debootstrap missing and cannot be installed here; the image test will fail"; fi
+
+# The quality benchmark: the ablation on the committed fixture of generated Kubeflow queries, written to
+# docs/quality.md (stage outputs cached in .cache/quality). ARGS="--epochs 3" changes the finetune settings.
+.PHONY: quality
+quality: $(STAMP)
+	$(PY) -m benchmarks.quality run $(ARGS)
 
 clean:
 	rm -rf outputs local_outputs .pytest_cache
