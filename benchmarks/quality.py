@@ -44,9 +44,9 @@ OUTPUT = stages.PROJECT_ROOT / "docs" / "quality.md"
 KUBEFLOW_DOCS = stages.PROJECT_ROOT.parent / "shared" / "data" / "kubeflow-docs"
 ONE, ALL = "one question per chunk", "all queries"  # the question row of each chunk (variant 0) / every row
 DONE = "done.json"
-# The pipeline's local finetune settings, but 1 epoch instead of 3: measured on 2 shared CPU cores, a step of batch
-# 16 took 13 s (in-batch), 21 s (LLM negative) and 27 s (3 mined negatives), so 3 epochs of the ~1,000 train rows
-# in each of five configurations would take hours; 1 epoch is about 30 minutes on 2 idle cores.
+# The pipeline's local finetune settings, but 1 epoch instead of 3. Measured on 2 busy CPU cores (load ~5): a step
+# of batch 16 took 13 s with in-batch negatives, 21 s with the LLM negative and 27 s with 3 mined negatives, so five
+# configurations over the ~1,000 train rows come to roughly an hour per epoch there (less on idle cores).
 BENCH_EPOCHS = 1.0
 
 
