@@ -94,6 +94,12 @@ image-test-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap; \
 	else echo "warning: podman/runc/debootstrap missing and cannot be installed here; the image test will fail"; fi
 
+# The quality benchmark: the ablation on the committed fixture of generated Kubeflow queries, written to
+# docs/quality.md (stage outputs cached in .cache/quality). ARGS="--epochs 3" changes the finetune settings.
+.PHONY: quality
+quality: $(STAMP)
+	$(PY) -m benchmarks.quality run $(ARGS)
+
 clean:
 	rm -rf outputs local_outputs .pytest_cache
 
