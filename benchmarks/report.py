@@ -191,8 +191,8 @@ def settings_markdown(results: dict[str, Any]) -> str:
         f"- finetune: {epochs}, batch size {train['batch_size']}, learning rate "
         f"{train['learning_rate']:g}, warmup ratio {train['warmup_ratio']:g}, seed {train['seed']} (cached MNRL "
         f"mini-batch {train['mini_batch_size']} on a GPU only); MatryoshkaLoss over MultipleNegativesRankingLoss. "
-        + (f"A local pipeline run's defaults differ: {', '.join(changed)} (on two CPU cores each epoch of the five "
-           "finetuned configurations takes about an hour)." if changed else "The local pipeline run's defaults."),
+        + (f"A local pipeline run's defaults differ: {', '.join(changed)} (the benchmark trains five configurations; "
+           "fewer epochs keep it to minutes on two CPU cores)." if changed else "The local pipeline run's defaults."),
         "- mine_negatives: " + ", ".join(f"{name}={value!r}" for name, value in mining.items()) + " (the stage's "
         "defaults; the configurations without the round-trip filter set roundtrip_k 0).",
         f"- bootstrap: {boot['resamples']} resamples of the queries, seed {boot['seed']}, "
