@@ -19,8 +19,10 @@ DEFAULT_TEMPERATURE = 0.7
 DEFAULT_QUERY_STYLES = "question,keywords,statement"
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_MAX_FAILURE_RATE = 0.05
-# The embedded 135M model fails validation more often than a production LLM; a local run must still finish.
-LOCAL_MAX_FAILURE_RATE = 0.25
+# The embedded 135M model fails validation more often than a production LLM, and validation rejects its junk (loops,
+# copied examples, ungrounded or off-style queries) rather than keeping it: measured 5-12% failed rows on the Kubeflow
+# corpus and 22% on this project's own docs (the default of `make run`). A local run must still finish.
+LOCAL_MAX_FAILURE_RATE = 0.4
 DEFAULT_CONCURRENCY = 8
 DEFAULT_REQUEST_TIMEOUT = 120.0
 DEFAULT_MAX_RETRIES = 6
