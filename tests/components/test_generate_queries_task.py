@@ -222,7 +222,7 @@ def test_settings_defaults_for_the_cluster_and_a_local_run():
     assert (cluster.llm, cluster.generation_batch_size, cluster.max_failure_rate) == ("openai:gpt-4o", 16, 0.05)
     assert (local.llm, local.generation_batch_size, local.max_failure_rate) == ("local", 8, 0.4)
     assert cluster.llm_cache_uri == "" and local.llm_cache_uri.endswith("docs-to-embeddings/llm")
-    assert default_failure_rate("local") == 0.25 and default_failure_rate("openai:gpt-4o-mini") == 0.05
+    assert default_failure_rate("local") == 0.4 and default_failure_rate("openai:gpt-4o-mini") == 0.05
 
 
 @pytest.mark.parametrize("values, message", [

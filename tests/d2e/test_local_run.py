@@ -35,7 +35,7 @@ def test_local_run_defaults_to_this_projects_docs_and_absolute_paths(tmp_path, m
 
 
 def test_the_lenient_failure_rate_is_for_the_embedded_model_only(tmp_path):
-    assert local_values(*settings_of(), tmp_path, False)["max_failure_rate"] == 0.25
+    assert local_values(*settings_of(), tmp_path, False)["max_failure_rate"] == 0.4
     assert local_values(*settings_of("--llm", "openai:gpt-4o"), tmp_path, False)["max_failure_rate"] == 0.05
     given = settings_of("--llm", "openai:gpt-4o", "--max-failure-rate", "0.3")
     assert local_values(*given, tmp_path, False)["max_failure_rate"] == 0.3
