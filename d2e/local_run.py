@@ -14,7 +14,7 @@ from pathlib import Path
 
 from components.common import EMBEDDED_EMBEDDING_MODEL, SPLITS, StageError, read_json
 from components.evaluate import format_table
-from components.generate_queries import LOCAL_LLM
+from components.generate_queries import default_failure_rate
 from components.publish import ARGILLA_API_KEY_ENV
 from d2e.parameters import group_specs
 
@@ -22,8 +22,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The local Argilla that `run` starts (loopback only; its login is for this machine alone).
 LOCAL_ARGILLA_DATA = PROJECT_ROOT / ".argilla-data"
 LOCAL_ARGILLA_PORT = 6900
-# The model names that mean the embedded 135M LLM, whose local failure-rate default is the lenient one.
-EMBEDDED_LLMS = (LOCAL_LLM, "embedded")
 
 
 def is_local_path(value: str) -> bool:
@@ -51,9 +49,9 @@ def local_values(values: dict, given: set, output_dir: Path, no_cache: bool) -> 
     values["embedding_model"] = absolute(values["embedding_model"])
     if values["miner_model"]:  # empty means the embedding model ("" would resolve to the working folder)
         values["miner_model"] = absolute(values["miner_model"])
-    if "max_failure_rate" not in given and values["llm"] not in EMBEDDED_LLMS:
+    if "max_failure_rate" not in given:
         # The lenient local default is for the embedded 135M model; any other LLM gets the cluster's tolerance.
-        values["max_failure_rate"] = next(spec.default for spec in group_specs() if spec.name == "max_failure_rate")
+        values["max_failure_rate"] = default_failure_rate(values["llm"])
     if not values["model_export_uri"]:
         values["model_export_uri"] = str(output_dir / "model")
         # A previous run's exported model: leaving it would pass it off as this run's winner.
