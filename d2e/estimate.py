@@ -7,7 +7,7 @@ import tempfile
 
 from components.generate_queries import GenerationSettings, estimate_generation
 from components.load_docs import load_docs
-from components.settings import build, specs
+from components.settings import from_arguments
 from d2e.local_run import PROJECT_ROOT, llm_cache_uri
 
 
@@ -19,8 +19,7 @@ def estimate(values: dict, given: set, args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="estimate-") as chunks:
         load_docs(values["dataset"] or str(PROJECT_ROOT), chunks, limit=values["limit"],
                   text_column=values["text_column"], docs_base_url=values["docs_base_url"])
-        names = {spec.name for spec in specs(GenerationSettings)}
-        settings = build(GenerationSettings, {name: value for name, value in values.items() if name in names})
+        settings = from_arguments(GenerationSettings, values)
         result = estimate_generation(chunks, settings, args.expected_completion_tokens)
     cost, batch_cost = result["estimated_cost_usd"], result["estimated_batch_api_cost_usd"]
     per_row = args.expected_completion_tokens
