@@ -469,8 +469,7 @@ def test_openai_path_against_llama_cpp_server(tmp_path, chunks_6, llama_cpp_serv
     monkeypatch.setenv("OPENAI_BASE_URL", llama_cpp_server.base_url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     settings = GenerationSettings(llm="openai:smollm2", llm_cache_uri=str(tmp_path / "cache"), queries_per_chunk=1,
-                              llm_concurrency=2,
-                                  max_failure_rate=1.0)
+                                  llm_concurrency=2, max_failure_rate=1.0)
     stats = generate_queries(chunks_6, tmp_path / "out", settings)
     rows = read_rows(tmp_path / "out")
     assert stats["llm_requests"] >= 6 and stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0
@@ -479,4 +478,9 @@ def test_openai_path_against_llama_cpp_server(tmp_path, chunks_6, llama_cpp_serv
     assert set(rows["model_name"]) == {"smollm2"}
     assert stats["estimated_cost_usd"] is None  # no price known for a self-hosted model: reported as unknown
     second = generate_queries(chunks_6, tmp_path / "again", settings)
-    assert second["llm_requests"] == 0 and second["cached"] == stats["generated"]
+    # Valid rows come from the cache at no request; rows that failed are not cached, so they are asked again.
+    again = read_rows(tmp_path / "again")
+    assert second["cached"] == stats["generated"]
+    assert (again.loc[again["generation_status"] == "cached", "generation_requests"] == 0).all()
+    assert second["generated"] + second["failed"] == stats["failed"]
+    assert (second["llm_requests"] == 0) == (stats["failed"] == 0)
