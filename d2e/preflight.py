@@ -9,12 +9,11 @@ be one. Each problem is one line naming the flag; all of them are reported toget
 
 import argparse
 import os
-from pathlib import Path
 
 from components.common import EMBEDDED_EMBEDDING_MODEL, StageError, resolve_embedding_model
 from components.generate_queries import parse_llm_spec, parse_prices
 from components.generate_queries.prompts import parse_styles
-from components.load_docs.checks import check_source_exists, is_hub_id, looks_like_path, no_such_path
+from components.load_docs.checks import check_source_exists, expand, is_hub_id, looks_like_path, no_such_path
 
 # Settings that name a folder or object-storage prefix the stages write or read: local paths and gs:// only.
 STORAGE_URIS = ("llm_cache_uri", "export_uri", "model_export_uri")
@@ -35,7 +34,7 @@ def storage_uri_problem(name: str, uri: str) -> str | None:
         if not rest.split("/")[0]:
             return f"{_flag(name)} {uri}: no bucket name (gs://BUCKET/PREFIX)."
         return None
-    if Path(uri).expanduser().is_file():
+    if expand(uri).is_file():
         return f"{_flag(name)} {uri} is a file; it must be a folder (or a gs:// prefix)."
     return None
 
@@ -45,7 +44,7 @@ def model_problem(name: str, model: str) -> str | None:
     try:
         if model == EMBEDDED_EMBEDDING_MODEL:
             resolve_embedding_model(model)
-        elif looks_like_path(model) and not Path(model).expanduser().exists():
+        elif looks_like_path(model) and not expand(model).exists():
             raise no_such_path(model, _flag(name))
     except StageError as error:
         return str(error)
@@ -54,7 +53,7 @@ def model_problem(name: str, model: str) -> str | None:
 
 def output_dir_problem(output_dir: str) -> str | None:
     """Whether --output-dir is, or can become, a writable folder."""
-    path = Path(output_dir).expanduser().absolute()
+    path = expand(output_dir).absolute()
     if path.exists() and not path.is_dir():
         return f"--output-dir {output_dir} is a file, not a folder."
     existing = next(folder for folder in (path, *path.parents) if folder.exists())

@@ -29,6 +29,7 @@ from components.load_docs.checks import (
     check_source_exists,
     check_test_rows,
     check_text_values,
+    expand,
     split_by_column,
 )
 from components.load_docs.markdown import (  # noqa: F401 - re-exported: the stage's public API
@@ -114,7 +115,7 @@ def read_source(source: str, test_fraction: float = 0.2,
             raise StageError(f"No train.parquet/test.parquet found under {source}.")
         return "parquet", frames, {}
     check_source_exists(source)
-    path = Path(source).expanduser()
+    path = expand(source)
     if path.exists():
         if path.is_file() and path.suffix == ".parquet":
             return "parquet", _read_parquet_source(str(path.resolve())), {}

@@ -18,6 +18,14 @@ HOW_TO_ADD_TEST = ("Evaluate needs test chunks: give the parquet a 'split' colum
                    "the folder; a Markdown source needs two pages, or one page of two chunks or more.")
 
 
+def expand(value: str) -> Path:
+    """The path with `~` expanded; unchanged when `~user` names no user (pathlib raises for that)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        return Path(value)
+
+
 def looks_like_path(value: str) -> bool:
     """Whether a dataset or model value is meant as a local path rather than a Hugging Face Hub id.
 
@@ -46,7 +54,7 @@ def is_hub_id(value: str) -> bool:
 
 def no_such_path(value: str, what: str = "Dataset source") -> StageError:
     """'no such folder or file', naming the nearest folder that does exist and what it holds (typos show)."""
-    path = Path(value).expanduser().absolute()
+    path = expand(value).absolute()
     parent = next((folder for folder in path.parents if folder.is_dir()), None)
     message = f"{what}: no such folder or file: {value}"
     if parent is not None and parent not in (Path(parent.anchor), Path.cwd()):  # a listing of / or . says little
@@ -57,7 +65,7 @@ def no_such_path(value: str, what: str = "Dataset source") -> StageError:
 
 def check_source_exists(source: str) -> None:
     """Raise for a local-looking source that does not exist, or a value that is neither a path nor a Hub id."""
-    if "://" in source or Path(source).expanduser().exists():
+    if "://" in source or expand(source).exists():
         return
     if looks_like_path(source):
         raise no_such_path(source)

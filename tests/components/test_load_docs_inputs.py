@@ -27,6 +27,7 @@ def write_pages(folder, count=3):
 
 
 @pytest.mark.parametrize("value", ["./typo", "../typo-folder-xyz", "/no/such/folder", "~/no-such-folder-xyz",
+                                   "~no-such-user-xyz/docs",
                                    "docs.parquet", "notes.md", "existing/typo", "a/b/c", "typo"])
 def test_a_missing_path_is_no_such_folder_not_a_hub_id(value, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
