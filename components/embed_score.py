@@ -41,7 +41,7 @@ class EmbedScoreSettings:
 
     embedding_model: str = setting(CLUSTER_EMBEDDING_MODEL, "local path, Hub id, or the embedded default "
                                    f"{EMBEDDED_EMBEDDING_MODEL}", local=EMBEDDED_EMBEDDING_MODEL)
-    embedding_batch_size: int = setting(64, "texts per encoding batch", minimum=1)
+    embedding_batch_size: int = setting(64, "texts per encoding batch", minimum=1, maximum=65536)
 
 
 def embed_texts(model, texts: list[str], batch_size: int = 64):

@@ -70,7 +70,8 @@ class EvaluateSettings:
                                      "dimension beats the base by this (and the 95% interval of the gain is above "
                                      "0)", minimum=-1.0, maximum=1.0)
     min_eval_queries: int = setting(DEFAULT_MIN_EVAL_QUERIES, "fewer evaluation queries than this are too few to "
-                                    "decide: the finetuned model is not exported", minimum=1)
+                                    "decide: the finetuned model is not exported", minimum=1,
+                                    maximum=10**7)
     force_export: bool = setting(False, "decide even with fewer than min_eval_queries queries (the interval and "
                                  "min_improvement still apply)")
     model_export_uri: str = setting("", "where a winning finetuned model goes (folder or gs://...; a local run's "

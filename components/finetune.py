@@ -63,9 +63,10 @@ MINED_COLUMN = "negative_{}"  # negative_1 ... negative_k in mined mode
 class FinetuneSettings:
     """Training settings; a local CPU run uses a smaller batch so a few hundred rows still give enough steps."""
 
-    finetune_epochs: float = setting(float(DEFAULT_EPOCHS), "finetuning epochs", minimum=0.01)
+    finetune_epochs: float = setting(float(DEFAULT_EPOCHS), "finetuning epochs", minimum=0.01,
+                                     maximum=1000.0)
     finetune_batch_size: int = setting(DEFAULT_BATCH_SIZE, "pairs per optimizer step; also the in-batch negatives",
-                                       local=16, minimum=2)
+                                       local=16, minimum=2, maximum=65536)
     finetune_learning_rate: float = setting(DEFAULT_LEARNING_RATE, "peak learning rate", minimum=1e-9, maximum=1.0)
     finetune_warmup_ratio: float = setting(DEFAULT_WARMUP_RATIO, "fraction of the steps spent warming up",
                                            minimum=0.0, maximum=0.99)
@@ -76,7 +77,7 @@ class FinetuneSettings:
                                             "negative as hard negative); false leaves finetune_negatives to decide")
     finetune_mini_batch_size: int = setting(DEFAULT_MINI_BATCH_SIZE, "on a GPU, texts per forward pass of the cached "
                                             "loss (memory only: the batch size stays the in-batch negatives)",
-                                            minimum=1)
+                                            minimum=1, maximum=65536)
     finetune_seed: int = setting(DEFAULT_SEED, "random seed of the training run", minimum=0, maximum=2**32 - 1)
 
 

@@ -64,13 +64,15 @@ class MineNegativesSettings:
 
     miner_model: str = setting("", "model that mines the hard negatives: local path or Hub id; empty: the "
                                "embedding_model")
-    num_hard_negatives: int = setting(3, "hard negatives mined per row", minimum=1)
-    mining_range: int = setting(10, "how many of the chunks closest to the query are candidates", minimum=1)
+    num_hard_negatives: int = setting(3, "hard negatives mined per row", minimum=1, maximum=100)
+    mining_range: int = setting(10, "how many of the chunks closest to the query are candidates", minimum=1,
+                               maximum=10000)
     mining_margin: float = setting(0.05, "relative margin: a candidate scoring above the positive's score minus "
                                    "this fraction of it is not a negative (it is probably also relevant)",
                                    minimum=0.0, maximum=1.0)
     roundtrip_k: int = setting(10, "keep a row only if its own chunk ranks in the top k for its query among "
-                               "the split's chunks (base model); 0: no round-trip filter", minimum=0)
+                               "the split's chunks (base model); 0: no round-trip filter", minimum=0,
+                               maximum=10000)
     near_duplicate_threshold: float = setting(0.95, "cosine (base model) at which a query duplicates an earlier "
                                               "kept query of the same chunk", minimum=0.0, maximum=1.0)
 

@@ -184,12 +184,16 @@ def _clip(text: Any, limit: int = 300) -> str:
 
 
 def _stage_rows(load_stats: dict, generation_stats: dict, embed_stats: dict) -> list[tuple[str, str]]:
-    rows = [("source", f"{load_stats['source']} ({load_stats['source_kind']})")]
+    skipped = load_stats.get("skipped_files") or {}
+    rows = [("source", f"{load_stats['source']} ({load_stats['source_kind']})" + (
+        f"; skipped {sum(skipped.values())} files ({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))})"
+        if skipped else ""))]
     for split in SPLITS:
         s = load_stats["splits"][split]
         duplicates = s["dropped_duplicates"] + s.get("dropped_in_train", 0)
         rows.append((f"load_docs {split}", f"{s['rows']} rows kept of {s['rows_read']} read; dropped "
-                     f"{s['dropped_empty']} empty, {duplicates} duplicate; split {s['split_oversized']} oversized"))
+                     f"{s['dropped_empty']} empty, {s.get('dropped_huge', 0)} huge, {duplicates} duplicate; split "
+                     f"{s['split_oversized']} oversized"))
     g = generation_stats
     rows.append(("generate_queries", f"{g['llm']}: {g['generated']} generated, {g['cached']} from cache, "
                  f"{g['failed']} failed ({100 * g['failure_rate']:.1f}%); {g['llm_requests']} LLM requests "

@@ -17,6 +17,7 @@ from components.evaluate import format_table
 from components.generate_queries import default_failure_rate
 from components.publish import ARGILLA_API_KEY_ENV
 from d2e.parameters import group_specs
+from d2e.preflight import check_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The local Argilla that `run` starts (loopback only; its login is for this machine alone).
@@ -76,6 +77,7 @@ def run_locally(values: dict, given: set, args: argparse.Namespace) -> int:
     from d2e.parameters import pipeline_specs
     from pipeline import PIPELINE_NAME, docs_to_embedding_data
 
+    check_run(values, args)  # before anything starts: no Argilla, no output folder, no LLM call
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     pipeline_root = output_dir / ".kfp"

@@ -40,7 +40,7 @@ class TargetSettings:
 
     gpu_accelerator_type: str = setting(KFP_ACCELERATOR, "Kubernetes resource name of the GPU (Kubeflow only)",
                                         cli=False)
-    gpu_count: int = setting(1, "GPUs per GPU task (Kubeflow only)", minimum=1, cli=False)
+    gpu_count: int = setting(1, "GPUs per GPU task (Kubeflow only)", minimum=1, maximum=16, cli=False)
     gpu_node_selector: dict = setting({"nvidia.com/gpu.present": "true"}, "node selector of the GPU tasks "
                                       "(Kubeflow only)", cli=False)
     gpu_tolerations: list = setting([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],

@@ -24,11 +24,21 @@ from components.common import (
     write_json,
     write_splits,
 )
+from components.load_docs.checks import (
+    check_dataset_splits,
+    check_source_exists,
+    check_test_rows,
+    check_text_values,
+    expand,
+    split_by_column,
+)
 from components.load_docs.markdown import (  # noqa: F401 - re-exported: the stage's public API
     MARKDOWN_CHUNK_CHARS,
     MARKDOWN_SUFFIXES,
+    MAX_FILE_BYTES,
     chunk_markdown,
     clean_markdown,
+    describe_skipped,
     markdown_files,
     markdown_folder_to_splits,
     split_sections,
@@ -43,6 +53,9 @@ DEFAULT_TEXT_COLUMN = "page_content"
 # Chunks longer than this (from parquet or the Hub) are split, not dropped: an LLM prompt and an
 # embedding window both have limits, and silently truncating would lose text.
 DEFAULT_MAX_CHUNK_CHARS = 8000
+# A longer text is no documentation chunk (a log, an export, embedded data): dropped and counted, like a Markdown
+# file over MAX_FILE_BYTES, instead of becoming thousands of billed pieces.
+MAX_TEXT_CHARS = MAX_FILE_BYTES
 
 
 
@@ -52,7 +65,7 @@ class LoadDocsSettings:
 
     dataset: str = setting("zenml/rag_qa_embedding_questions_0_60_0", "Hub id, parquet file/folder (local or gs://), "
                            "saved DatasetDict or Markdown folder ('': this project's docs)", local="")
-    limit: int = setting(0, "at most N chunks per split (0: all)", minimum=0)
+    limit: int = setting(0, "at most N chunks per split (0: all)", minimum=0, maximum=10**8)
     text_column: str = setting(DEFAULT_TEXT_COLUMN, "column holding the chunk text")
     docs_base_url: str = setting("", "URL prefix for pages built from Markdown")
 
@@ -77,9 +90,7 @@ def _read_parquet_source(source: str) -> dict[str, "pandas.DataFrame"] | None:  
         store, name = open_file(source)
         if not store.exists(name):
             raise StageError(f"Parquet file {source} does not exist.")
-        frame = read_parquet(store, [name])
-        return {"train": frame, "test": frame.iloc[0:0]} if "split" not in frame else {
-            split: frame[frame["split"] == split].drop(columns="split") for split in SPLITS}
+        return split_by_column(read_parquet(store, [name]), source)
     store = open_store(source)
     found = {split: sorted(name for name in store.list(split) + store.list(f"data/{split}-")
                            if re.fullmatch(_SPLIT_FILE.format(split=re.escape(split)), name)) for split in SPLITS}
@@ -91,46 +102,45 @@ def _read_parquet_source(source: str) -> dict[str, "pandas.DataFrame"] | None:  
 
 
 def _from_dataset_dict(dataset_dict: Any) -> dict[str, "pandas.DataFrame"]:  # noqa: F821
-    if "train" not in dataset_dict:
-        raise StageError(f"The dataset has splits {sorted(dataset_dict)}, but a 'train' split is needed.")
-    return {split: dataset_dict[split].to_pandas() if split in dataset_dict else None for split in SPLITS}
+    check_dataset_splits(list(dataset_dict))
+    return {split: dataset_dict[split].to_pandas() for split in SPLITS}
 
 
-def read_source(source: str, test_fraction: float = 0.2, docs_base_url: str = "") -> tuple[str, dict[str, Any]]:
-    """Return (kind of source, {split: DataFrame}) for any supported source."""
+def read_source(source: str, test_fraction: float = 0.2,
+                docs_base_url: str = "") -> tuple[str, dict[str, Any], dict[str, list[str]]]:
+    """Return (kind of source, {split: DataFrame}, {reason: files skipped}) for any supported source."""
     if "://" in source:  # object storage: a parquet prefix
         frames = _read_parquet_source(source)
         if frames is None:
             raise StageError(f"No train.parquet/test.parquet found under {source}.")
-        return "parquet", frames
-    path = Path(source).expanduser()
+        return "parquet", frames, {}
+    check_source_exists(source)
+    path = expand(source)
     if path.exists():
         if path.is_file() and path.suffix == ".parquet":
-            return "parquet", _read_parquet_source(str(path.resolve()))
+            return "parquet", _read_parquet_source(str(path.resolve())), {}
         if path.is_file() and path.suffix.lower() in MARKDOWN_SUFFIXES:
-            return "markdown", markdown_folder_to_splits(path, test_fraction, docs_base_url)
+            return "markdown", *markdown_folder_to_splits(path, test_fraction, docs_base_url)
         if path.is_dir():
             if (path / "dataset_dict.json").exists():
                 import datasets
 
-                return "saved-dataset", _from_dataset_dict(datasets.load_from_disk(str(path)))
+                return "saved-dataset", _from_dataset_dict(datasets.load_from_disk(str(path))), {}
             frames = _read_parquet_source(str(path.resolve()))
             if frames is not None:
-                return "parquet", frames
+                return "parquet", frames, {}
             if markdown_files(path):
-                return "markdown", markdown_folder_to_splits(path, test_fraction, docs_base_url)
+                return "markdown", *markdown_folder_to_splits(path, test_fraction, docs_base_url)
             listing = sorted(child.name for child in path.iterdir())[:20]
             raise StageError(
                 f"{source} is a folder, but holds no train.parquet/test.parquet, no saved DatasetDict "
                 f"(dataset_dict.json) and no Markdown files. It contains: {listing}"
             )
         raise StageError(f"{source} is not a parquet file, a Markdown file or a folder.")
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise StageError(f"Dataset source {source!r} does not exist locally and is not a Hub id (owner/name).")
     import datasets
 
     try:
-        return "hub", _from_dataset_dict(datasets.load_dataset(source))
+        return "hub", _from_dataset_dict(datasets.load_dataset(source)), {}
     except (ConnectionError, OSError, ValueError) as error:
         raise StageError(
             f"Could not load {source!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
@@ -148,7 +158,8 @@ def normalise_split(
     """Rename the text column to `anchor`, drop empty rows, split oversized chunks, drop duplicates."""
     import pandas as pd
 
-    stats = {"rows_read": int(len(frame)), "dropped_empty": 0, "dropped_duplicates": 0, "split_oversized": 0}
+    stats = {"rows_read": int(len(frame)), "dropped_empty": 0, "dropped_huge": 0, "dropped_duplicates": 0,
+             "split_oversized": 0}
     if len(frame.columns) == 0:
         return pd.DataFrame(columns=[ANCHOR, *METADATA_COLUMNS, "chunk_id"]), stats
     if text_column not in frame.columns:
@@ -164,10 +175,13 @@ def normalise_split(
     for column in METADATA_COLUMNS:
         if column not in frame.columns:
             frame[column] = 0 if column == "token_count" else ""
-    frame[ANCHOR] = frame[ANCHOR].map(lambda value: value if isinstance(value, str) else "")
+    check_text_values(frame[ANCHOR], text_column, split)
+    frame[ANCHOR] = frame[ANCHOR].map(lambda value: value if isinstance(value, str) else "")  # missing: empty
     empty = frame[ANCHOR].str.strip() == ""
     stats["dropped_empty"] = int(empty.sum())
-    frame = frame[~empty]
+    huge = frame[ANCHOR].str.len() > MAX_TEXT_CHARS
+    stats["dropped_huge"] = int(huge.sum())
+    frame = frame[~empty & ~huge]
 
     oversized = frame[ANCHOR].str.len() > max_chunk_chars
     stats["split_oversized"] = int(oversized.sum())
@@ -202,8 +216,12 @@ def load_docs(
     if limit is not None and limit < 0:
         raise StageError(f"limit must be >= 0, got {limit}.")
     log.info("loading %s", source)
-    kind, frames = read_source(source, test_fraction, docs_base_url)
-    stats: dict[str, Any] = {"source": source, "source_kind": kind, "splits": {}}
+    kind, frames, skipped = read_source(source, test_fraction, docs_base_url)
+    stats: dict[str, Any] = {"source": source, "source_kind": kind, "splits": {},
+                             "skipped_files": {reason: len(names) for reason, names in skipped.items()},
+                             "skipped_examples": {reason: names[:20] for reason, names in skipped.items()}}
+    if skipped:
+        log.warning("skipped files: %s", describe_skipped(skipped))
     cleaned = {}
     for split in SPLITS:
         frame = frames.get(split)
@@ -222,12 +240,14 @@ def load_docs(
         stats["splits"][split]["rows"] = int(len(cleaned[split]))
     if len(cleaned["train"]) == 0:
         raise StageError(f"No usable chunks in the train split of {source} after dropping empty rows.")
+    check_test_rows(stats, source)
     write_splits(cleaned, output_dir)
     write_json(Path(output_dir) / "stats.json", stats)
     for split, values in stats["splits"].items():
-        log.info("%s: %d rows (read %d, dropped %d empty, %d duplicate, split %d oversized)", split, values["rows"],
-                 values["rows_read"], values["dropped_empty"],
-                 values["dropped_duplicates"] + values.get("dropped_in_train", 0), values["split_oversized"])
+        log.info("%s: %d rows (read %d, dropped %d empty, %d over %d characters, %d duplicate; split %d oversized)",
+                 split, values["rows"], values["rows_read"], values["dropped_empty"], values["dropped_huge"],
+                 MAX_TEXT_CHARS, values["dropped_duplicates"] + values.get("dropped_in_train", 0),
+                 values["split_oversized"])
     return stats
 
 

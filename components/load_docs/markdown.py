@@ -16,22 +16,49 @@ MARKDOWN_OVERLAP_CHARS = 50
 # Sections shorter than this (a lone heading, say) are merged into the section that follows.
 MIN_SECTION_CHARS = 100
 MARKDOWN_SUFFIXES = (".md", ".markdown")
+# A bigger Markdown file is no documentation page (a log, an export, embedded data): skipped and counted.
+MAX_FILE_BYTES = 10_000_000
+# Why a file was not read; stats.json counts the files per reason.
+SKIP_OUTSIDE = "link_outside_folder"
+SKIP_TOO_LARGE = "too_large"
+SKIP_NOT_UTF8 = "not_utf8"
+SKIP_UNREADABLE = "unreadable"
 # Folders that hold tooling or installed packages, never a project's own documentation.
 SKIPPED_DIRS = {"node_modules", "site-packages", "venv", "build", "dist", "local_outputs", "outputs"}
 
 
-_FRONT_MATTER = re.compile(r"\A(?:---\s*\n.*?\n---|\+\+\+\s*\n.*?\n\+\+\+)\s*(?:\n|\Z)", re.DOTALL)
-# Hugo shortcodes: the tags go, the text between paired tags stays.
-_SHORTCODE = re.compile(r"\{\{[<%].*?[%>]\}\}", re.DOTALL)
-_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+# Only blanks may follow the delimiter lines: `\s*` there could also take newlines, and trying every split of a long
+# run of newlines before failing made an unclosed front matter quadratic.
+_FRONT_MATTER = re.compile(r"\A(?:---[ \t]*\n.*?\n---|\+\+\+[ \t]*\n.*?\n\+\+\+)[ \t]*(?:\n|\Z)", re.DOTALL)
+# Hugo shortcodes (the tags go, the text between paired tags stays) and HTML comments, as (opening, closing).
+# They are removed by `_strip_delimited`, not by a lazy regex: `<!--.*?-->` scans to the end of the text from
+# every unclosed opening, which made 120 KB of `<!--` take 25 s.
+_SHORTCODE = (re.compile(r"\{\{[<%]"), re.compile(r"[%>]\}\}"))
+_HTML_COMMENT = (re.compile(r"<!--"), re.compile(r"-->"))
 _HEADING = re.compile(r"^#{1,6}\s+\S")
 _FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def _strip_delimited(text: str, opening: re.Pattern, closing: re.Pattern) -> str:
+    """Text without each span from an opening to the first closing after it, in one pass (linear in the text).
+
+    An opening with no closing after it stays, as do all later ones: none of them can be closed either.
+    """
+    kept, position = [], 0
+    while (start := opening.search(text, position)) is not None:
+        end = closing.search(text, start.end())
+        if end is None:
+            break
+        kept.append(text[position : start.start()])
+        position = end.end()
+    kept.append(text[position:])
+    return "".join(kept)
 
 
 def clean_markdown(text: str) -> str:
     """The page without front matter, Hugo shortcodes and HTML comments."""
     text = _FRONT_MATTER.sub("", text.replace("\r\n", "\n"), count=1)
-    text = _HTML_COMMENT.sub("", _SHORTCODE.sub("", text))
+    text = _strip_delimited(_strip_delimited(text, *_SHORTCODE), *_HTML_COMMENT)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
@@ -50,16 +77,19 @@ def split_sections(text: str) -> list[str]:
 
 def _hard_split(text: str, max_chars: int) -> list[str]:
     """Split one over-long paragraph at whitespace so no piece exceeds max_chars."""
-    pieces = []
-    while len(text) > max_chars:
-        cut = text.rfind(" ", 0, max_chars)
-        if cut <= max_chars // 2:
-            cut = max_chars
-        pieces.append(text[:cut].strip())
-        text = text[cut:].strip()
-    if text:
-        pieces.append(text)
-    return pieces
+    # Positions into the text, not a shrinking copy of its rest: copying the rest per piece was quadratic.
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = text.rfind(" ", start, start + max_chars)
+        if cut <= start + max_chars // 2:
+            cut = start + max_chars
+        pieces.append(text[start:cut].strip())
+        start = cut
+        while start < len(text) and text[start].isspace():
+            start += 1
+    if text[start:]:
+        pieces.append(text[start:])
+    return [piece for piece in pieces if piece]
 
 
 def _tail(text: str, overlap: int) -> str:
@@ -125,13 +155,77 @@ def _page_url(relative: Path, base_url: str) -> str:
     return base_url.rstrip("/") + "/" + (path + "/" if path else "")
 
 
-def markdown_files(folder: Path) -> list[Path]:
-    """The Markdown files below `folder`, sorted, skipping hidden, private and tooling folders."""
-    files = []
+def scan_markdown(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the Markdown files below `folder`, sorted; the links below it that lead out of it, not followed).
+
+    Hidden, private and tooling folders are skipped. A link to a folder is never descended (os.walk's default);
+    a link to a file is listed when its target is inside `folder`.
+    """
+    inside = folder.resolve()
+    files, outside = [], []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")) and d not in SKIPPED_DIRS)
-        files.extend(Path(root) / name for name in sorted(names) if name.lower().endswith(MARKDOWN_SUFFIXES))
-    return files
+        links = [Path(root) / d for d in dirs if (Path(root) / d).is_symlink()]
+        candidates = links + [Path(root) / name for name in sorted(names) if name.lower().endswith(MARKDOWN_SUFFIXES)]
+        for path in candidates:
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                outside.append(path)
+            elif path not in links:
+                files.append(path)
+    return files, outside
+
+
+def markdown_files(folder: Path) -> list[Path]:
+    """The Markdown files below `folder` that `scan_markdown` reads."""
+    return scan_markdown(folder)[0]
+
+
+def read_page(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | None, str]:
+    """(the page's text, "") or (None, why it is skipped): too large, not UTF-8, or unreadable.
+
+    Strict decoding: a page in another encoding would otherwise become replacement characters, billed as text.
+    """
+    try:
+        if path.stat().st_size > max_bytes:
+            return None, SKIP_TOO_LARGE
+        return path.read_bytes().decode("utf-8-sig"), ""
+    except UnicodeDecodeError:
+        return None, SKIP_NOT_UTF8
+    except OSError:  # a dangling link, no permission
+        return None, SKIP_UNREADABLE
+
+
+def describe_skipped(skipped: dict[str, list[str]]) -> str:
+    """`2 not_utf8 (a.md, b.md), 1 too_large (big.md)`: the skipped files, for logs and errors."""
+    return "; ".join(f"{len(names)} {reason} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                     for reason, names in sorted(skipped.items()))
+
+
+def _page_rows(folder: Path, base_url: str, max_chars: int, max_file_bytes: int) -> tuple[list[dict], dict]:
+    """One row per chunk of each readable page below `folder` (or of the file `folder`), and the skipped files."""
+    if folder.is_file():  # a file named explicitly is read even when it is a link
+        files, outside, root = [folder], [], folder.parent
+    else:
+        (files, outside), root = scan_markdown(folder), folder
+    if not files and not outside:
+        raise StageError(f"No Markdown files (*.md, *.markdown) found under {folder}.")
+    skipped: dict[str, list[str]] = {}
+    for link in outside:
+        skipped.setdefault(SKIP_OUTSIDE, []).append(link.relative_to(root).as_posix())
+    rows = []
+    for path in files:
+        relative = path.relative_to(root)
+        page = relative.as_posix()
+        text, reason = read_page(path, max_file_bytes)
+        if text is None:
+            skipped.setdefault(reason, []).append(page)
+            continue
+        url = _page_url(relative, base_url)
+        section = relative.parts[0] if len(relative.parts) > 1 else "root"
+        for chunk in chunk_markdown(text, max_chars):
+            rows.append({"page_content": chunk, "filename": url if base_url else page, "parent_section": section,
+                         "url": url, "token_count": len(chunk.split()), "_page": page})
+    return rows, skipped
 
 
 def markdown_folder_to_splits(
@@ -139,30 +233,21 @@ def markdown_folder_to_splits(
     test_fraction: float = 0.2,
     base_url: str = "",
     max_chars: int = MARKDOWN_CHUNK_CHARS,
-) -> dict[str, "pandas.DataFrame"]:  # noqa: F821
-    """Build the chunk dataset from a folder of Markdown pages.
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> tuple[dict[str, "pandas.DataFrame"], dict[str, list[str]]]:  # noqa: F821
+    """Build the chunk dataset from a folder of Markdown pages: ({split: chunks}, {reason: skipped files}).
 
     The split is by page (no page has chunks in both splits), chosen by a hash of the page path so it
-    is stable across runs and machines.
+    is stable across runs and machines. Links leading out of the folder, files over `max_file_bytes`, files
+    that are not UTF-8 and unreadable files are skipped and returned by reason.
     """
     import pandas as pd
 
     folder = Path(folder)
-    files = [folder] if folder.is_file() else markdown_files(folder)
-    root = folder.parent if folder.is_file() else folder
-    if not files:
-        raise StageError(f"No Markdown files (*.md, *.markdown) found under {folder}.")
-    rows = []
-    for path in files:
-        relative = path.relative_to(root)
-        page = relative.as_posix()
-        url = _page_url(relative, base_url)
-        section = relative.parts[0] if len(relative.parts) > 1 else "root"
-        for chunk in chunk_markdown(path.read_text(encoding="utf-8", errors="replace"), max_chars):
-            rows.append({"page_content": chunk, "filename": url if base_url else page, "parent_section": section,
-                         "url": url, "token_count": len(chunk.split()), "_page": page})
+    rows, skipped = _page_rows(folder, base_url, max_chars, max_file_bytes)
     if not rows:
-        raise StageError(f"The Markdown files under {folder} contain no text after cleaning.")
+        raise StageError(f"The Markdown files under {folder} contain no text after cleaning."
+                         + (f" Skipped: {describe_skipped(skipped)}." if skipped else ""))
     frame = pd.DataFrame(rows)
     pages = sorted(frame["_page"].unique(), key=lambda page: hashlib.sha256(page.encode()).hexdigest())
     if len(pages) >= 2:
@@ -174,4 +259,4 @@ def markdown_folder_to_splits(
         if len(frame) >= 2 and (is_test.all() or not is_test.any()):
             is_test = pd.Series([i == len(frame) - 1 for i in range(len(frame))], index=frame.index)
     frame = frame.drop(columns="_page")
-    return {"train": frame[~is_test].reset_index(drop=True), "test": frame[is_test].reset_index(drop=True)}
+    return {"train": frame[~is_test].reset_index(drop=True), "test": frame[is_test].reset_index(drop=True)}, skipped

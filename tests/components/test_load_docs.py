@@ -55,8 +55,14 @@ def test_gs_prefix_with_hub_style_shards_and_a_single_parquet_file(tmp_path, kub
     assert list(read(tmp_path / "out", "train")["anchor"]) == list(train["page_content"])
     assert list(read(tmp_path / "out", "test")["anchor"]) == list(test["page_content"])
 
-    load_docs(f"gs://{gcs_bucket.name}/docs/data/train-00001-of-00002.parquet", tmp_path / "one")
+    one = pd.concat([train.iloc[20:].assign(split="train"), test.assign(split="test")])
+    one.to_parquet(tmp_path / "one.parquet", index=False)
+    gcs_bucket.blob("docs/one.parquet").upload_from_filename(str(tmp_path / "one.parquet"))
+    load_docs(f"gs://{gcs_bucket.name}/docs/one.parquet", tmp_path / "one")
     assert list(read(tmp_path / "one", "train")["anchor"]) == list(train["page_content"].iloc[20:])
+    assert list(read(tmp_path / "one", "test")["anchor"]) == list(test["page_content"])
+    with pytest.raises(StageError, match="has no 'split' column, so it has no test rows"):
+        load_docs(f"gs://{gcs_bucket.name}/docs/data/train-00001-of-00002.parquet", tmp_path / "shard")
     with pytest.raises(StageError, match="does not exist"):
         load_docs(f"gs://{gcs_bucket.name}/docs/missing.parquet", tmp_path / "none")
 
@@ -72,7 +78,7 @@ def test_missing_text_column_names_it_and_lists_columns(tmp_path):
 
 def test_custom_text_column(tmp_path):
     frame = pd.DataFrame({"body": ["a first chunk of text", "another chunk"]})
-    write_chunk_folder(tmp_path / "src", frame, frame.iloc[0:0])
+    write_chunk_folder(tmp_path / "src", frame, pd.DataFrame({"body": ["a test chunk"]}))
     load_docs(str(tmp_path / "src"), tmp_path / "out", text_column="body")
     train = read(tmp_path / "out", "train")
     assert list(train["anchor"]) == ["a first chunk of text", "another chunk"]
@@ -87,8 +93,8 @@ def test_empty_and_duplicate_rows_are_dropped_and_counted(tmp_path):
     stats = load_docs(str(tmp_path / "src"), tmp_path / "out")
     assert list(read(tmp_path / "out", "train")["anchor"]) == ["alpha text", "beta text"]
     assert list(read(tmp_path / "out", "test")["anchor"]) == ["gamma text"]
-    assert stats["splits"]["train"] | {} == {"rows_read": 6, "dropped_empty": 3, "dropped_duplicates": 1,
-                                             "split_oversized": 0, "rows": 2}
+    assert stats["splits"]["train"] | {} == {"rows_read": 6, "dropped_empty": 3, "dropped_huge": 0,
+                                             "dropped_duplicates": 1, "split_oversized": 0, "rows": 2}
     assert stats["splits"]["test"]["dropped_duplicates"] == 1
     assert stats["splits"]["test"]["dropped_in_train"] == 1  # "beta text" would leak train into test
 
@@ -104,7 +110,7 @@ def test_oversized_chunks_are_split_without_losing_text(tmp_path):
     words = [f"word{i}" for i in range(3000)]
     big = "\n\n".join(" ".join(words[i : i + 100]) for i in range(0, 3000, 100))
     frame = pd.DataFrame({"page_content": [big, "small chunk"], "url": ["big", "small"]})
-    write_chunk_folder(tmp_path / "src", frame, frame.iloc[0:0])
+    write_chunk_folder(tmp_path / "src", frame, frame.iloc[1:].replace("small chunk", "test chunk"))
     stats = load_docs(str(tmp_path / "src"), tmp_path / "out", max_chunk_chars=4000)
     train = read(tmp_path / "out", "train")
     pieces = train[train["url"] == "big"]["anchor"]
@@ -131,7 +137,7 @@ def test_unusable_sources_say_what_was_found(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(StageError, match=r"no train.parquet.*notes.txt"):
         load_docs(str(tmp_path / "empty"), tmp_path / "out")
-    with pytest.raises(StageError, match="does not exist locally"):
+    with pytest.raises(StageError, match="no such folder or file"):
         load_docs(str(tmp_path / "missing"), tmp_path / "out")
 
 
@@ -190,7 +196,8 @@ def test_markdown_folder_skips_tooling_folders_and_single_page_still_has_both_sp
     (docs / ".venv" / "lib").mkdir(parents=True)
     (docs / ".venv" / "lib" / "README.md").write_text("# Not ours\n" + "installed package text " * 20)
     (docs / "README.md").write_text("\n\n".join(f"## Part {i}\n" + f"Content of part {i}. " * 30 for i in range(6)))
-    splits = markdown_folder_to_splits(docs)
+    splits, skipped = markdown_folder_to_splits(docs)
+    assert skipped == {}
     anchors = pd.concat([splits["train"], splits["test"]])["page_content"]
     assert not anchors.str.contains("Not ours").any()
     assert len(splits["train"]) > 0 and len(splits["test"]) > 0

@@ -145,3 +145,17 @@ def test_export_to_a_gs_results_folder_is_replaced_on_each_run(tmp_path, stage_d
     assert again["objects"] == first["objects"] and again["rows"] == {"train": 4, "test": 4}
     train = pd.read_parquet(io.BytesIO(gcs_bucket.blob("results/train.parquet").download_as_bytes()))
     assert tuple(train.columns[: len(OUTPUT_COLUMNS)]) == OUTPUT_COLUMNS and len(train) == 4
+
+
+def test_report_shows_skipped_files_and_huge_chunks(tmp_path, stage_dirs):
+    import shutil
+
+    docs = shutil.copytree(stage_dirs / "docs", tmp_path / "docs")
+    stats = json.loads((docs / "stats.json").read_text())
+    stats["skipped_files"] = {"not_utf8": 2, "link_outside_folder": 1}
+    stats["splits"]["train"]["dropped_huge"] = 1
+    write_json(docs / "stats.json", stats)
+    write_report(docs, stage_dirs / "triplets", stage_dirs / "scored", tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "skipped 3 files (link_outside_folder: 1, not_utf8: 2)" in markdown
+    assert "dropped 0 empty, 1 huge, 0 duplicate" in markdown

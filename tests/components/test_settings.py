@@ -69,3 +69,28 @@ def test_from_arguments_picks_the_settings_and_checks_them():
         from_arguments(ExampleSettings, {**arguments, "concurrency": 0})
     with pytest.raises(TypeError, match="lacks the arguments selector"):
         from_arguments(ExampleSettings, {k: v for k, v in arguments.items() if k != "selector"})
+
+
+def _numeric_settings():
+    from d2e.parameters import SETTINGS
+
+    return [pytest.param(settings_class, spec, id=spec.name) for _, settings_class in SETTINGS
+            for spec in specs(settings_class) if spec.type in (int, float)]
+
+
+@pytest.mark.parametrize("settings_class, spec", _numeric_settings())
+def test_every_numeric_setting_of_every_stage_has_a_range(settings_class, spec):
+    assert spec.minimum is not None and spec.maximum is not None, f"{spec.name} needs minimum= and maximum="
+    assert spec.minimum <= spec.default <= spec.maximum and spec.minimum <= spec.local_default <= spec.maximum
+
+
+@pytest.mark.parametrize("settings_class, spec", _numeric_settings())
+def test_the_stage_boundary_refuses_nan_inf_and_values_out_of_range(settings_class, spec):
+    """What the KFP UI passes reaches the component unchecked by the CLI: from_arguments checks it again."""
+    arguments = as_dict(build(settings_class, {}))
+    step = 1 if spec.type is int else 1e-6
+    bad = [float("nan"), float("inf"), float("-inf")]
+    bad += [spec.minimum - max(step, abs(spec.minimum) * 1e-6), spec.maximum + max(step, abs(spec.maximum) * 1e-6)]
+    for value in bad:
+        with pytest.raises(SettingError, match=spec.name):
+            from_arguments(settings_class, {**arguments, spec.name: value})
