@@ -140,8 +140,10 @@ def prepare_argilla(argilla_url: str, args: argparse.Namespace) -> dict | None:
 def print_publish_summary(values: dict, argilla: dict | None) -> None:
     """Where the dataset was published, and how to browse the local Argilla."""
     if argilla and argilla["local"]:
+        from services.argilla import login_hint
+
         print(f"\nArgilla (local, loopback only): {argilla['url']}  dataset {values['argilla_dataset']!r}\n"
-              f"  login: {argilla['username']} / {argilla['password']}\n"
+              f"  login: {login_hint(argilla)}\n"
               f"  still running; stop it with `make argilla-stop`, serve it again with `make argilla-ui`.")
     elif argilla:
         print(f"\nArgilla: published to {argilla['url']} as dataset {values['argilla_dataset']!r}")

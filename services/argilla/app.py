@@ -8,14 +8,17 @@ Normally started by ``services/argilla/local_server.py`` (``python -m services.a
 1. registers the in-memory search engine (``inmemory_search_engine``) and
    selects it (``ARGILLA_SEARCH_ENGINE=inmemory`` unless set otherwise);
 2. at start-up, before serving, runs the database migrations and makes sure the
-   owner user from ``LOCAL_ARGILLA_USERNAME`` / ``LOCAL_ARGILLA_PASSWORD`` /
-   ``LOCAL_ARGILLA_API_KEY`` exists with exactly these credentials (idempotent;
-   skipped when the variables are unset; ``LOCAL_ARGILLA_MIGRATE=0`` skips the
-   migrations);
+   owner user of the login file ``LOCAL_ARGILLA_CREDENTIALS`` (JSON: username,
+   password, api_key; see ``credentials.py``) exists with exactly these credentials
+   (idempotent; skipped when the variable is unset; ``LOCAL_ARGILLA_MIGRATE=0`` skips
+   the migrations); the login never travels in the environment;
 3. re-indexes every dataset from the database into the in-memory engine, so a
    restarted server shows the data it had;
 4. exits by itself when the process ``LOCAL_ARGILLA_PARENT_PID`` is gone (so a
-   crashed test run leaves no server behind).
+   crashed test run leaves no server behind);
+5. answers only requests whose Host header names it (``LOCAL_ARGILLA_ALLOWED_HOSTS``, comma-separated, default
+   the loopback names), and lets no other browser origin read its answers unless ``ARGILLA_CORS_ORIGINS`` lists
+   it (default: none; Argilla's own default is every origin, with credentials).
 
 Must be served by ONE worker process (the index lives in process memory).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -36,9 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("ARGILLA_SEARCH_ENGINE", "inmemory")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("ARGILLA_CORS_ORIGINS", "[]")  # read by Argilla's settings when _app is imported
 
 import inmemory_search_engine  # noqa: E402  (registers the engine before settings are used)
 from argilla_server._app import app  # noqa: E402
+from starlette.middleware.trustedhost import TrustedHostMiddleware  # noqa: E402
+
+# Outermost, so a request naming another host (a DNS name pointed at 127.0.0.1 by a web page) gets 400 and no data.
+app.add_middleware(TrustedHostMiddleware,
+                   allowed_hosts=os.environ.get("LOCAL_ARGILLA_ALLOWED_HOSTS", "127.0.0.1,localhost").split(","))
 
 _LOGGER = logging.getLogger("argilla.local")
 
@@ -126,12 +136,13 @@ async def _local_lifespan(asgi_app):
     started = time.monotonic()
     if os.environ.get("LOCAL_ARGILLA_MIGRATE", "1") != "0":
         await asyncio.to_thread(_migrate_database)
-    username = os.environ.get("LOCAL_ARGILLA_USERNAME")
-    if username:
+    credentials_file = os.environ.get("LOCAL_ARGILLA_CREDENTIALS")
+    if credentials_file:
+        login = json.loads(Path(credentials_file).read_text())
         await _ensure_owner_user(
-            username=username,
-            password=os.environ["LOCAL_ARGILLA_PASSWORD"],
-            api_key=os.environ["LOCAL_ARGILLA_API_KEY"],
+            username=login["username"],
+            password=login["password"],
+            api_key=login["api_key"],
             workspace=os.environ.get("LOCAL_ARGILLA_WORKSPACE", "argilla"),
         )
     async with _argilla_lifespan(asgi_app) as state:

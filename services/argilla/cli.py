@@ -1,7 +1,8 @@
 """The local Argilla's command line (``python -m services.argilla ...``; `make argilla-ui` uses it)::
 
-    serve --data-dir DIR [--port 6900]   # foreground until Ctrl-C, prints the UI address + login
+    serve --data-dir DIR [--port 6900]   # foreground until Ctrl-C, prints the UI address + where the login is
     start --data-dir DIR [--port 6900]   # detached; pid file in DIR
+          [--host ADDR --expose-on-network-insecure]   # a non-loopback address needs the flag
     stop  --data-dir DIR
     status --data-dir DIR
     ensure-venv
@@ -16,28 +17,28 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from services.argilla.credentials import login_hint
+from services.argilla.exposure import EXPOSE_FLAG, check_bind_address, is_loopback
 from services.argilla.local_server import (
-    DEFAULT_API_KEY,
     DEFAULT_HOST,
-    DEFAULT_PASSWORD,
     DEFAULT_PORT,
     DEFAULT_START_TIMEOUT_S,
-    DEFAULT_USERNAME,
     STOP_COMMAND,
     read_running,
     start_local_argilla,
     stop_local_argilla,
 )
+from services.argilla.processes import LocalArgillaError
 from services.argilla.venv import REPO_ROOT, VENV_DIRNAME, ensure_venv
 
 
 def describe(info: dict) -> str:
-    """Where the server is and how to log in (UI and SDK)."""
+    """Where the server is and where its login is (UI and SDK)."""
+    reach = "this machine only" if is_loopback(info.get("host", DEFAULT_HOST)) else "EXPOSED to the network"
     return (
-        f"Argilla UI:  {info['url']}   (local only)\n"
-        f"  login:     {info['username']} / {info['password']}\n"
-        f"  API key:   {info['api_key']}\n"
-        f"  SDK:       argilla.Argilla(api_url={info['url']!r}, api_key={info['api_key']!r})\n"
+        f"Argilla UI:  {info['url']}   ({reach})\n"
+        f"  login:     {login_hint(info)}\n"
+        f"  SDK:       argilla.Argilla(api_url={info['url']!r}, api_key=<api_key from that file>)\n"
         f"  server log: {info.get('log_file')}"
     )
 
@@ -54,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--data-dir", type=Path, required=True)
         command.add_argument("--port", type=int, default=DEFAULT_PORT,
                              help="0 picks a free port (default %(default)s)")
-        command.add_argument("--host", default=DEFAULT_HOST)
-        command.add_argument("--username", default=DEFAULT_USERNAME)
-        command.add_argument("--password", default=DEFAULT_PASSWORD)
-        command.add_argument("--api-key", default=DEFAULT_API_KEY)
+        command.add_argument("--host", default=DEFAULT_HOST,
+                             help=f"address to bind (default %(default)s); any other than loopback needs {EXPOSE_FLAG}")
+        command.add_argument(EXPOSE_FLAG, dest="expose_on_network", action="store_true",
+                             help="allow a non-loopback --host: anyone who can reach it may try the login")
         command.add_argument("--timeout", type=float, default=DEFAULT_START_TIMEOUT_S)
     for name, helptext in (("stop", "stop a detached server"), ("status", "is a server running on the data dir")):
         sub.add_parser(name, help=helptext).add_argument("--data-dir", type=Path, required=True)
@@ -67,12 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def start(args: argparse.Namespace, detach: bool):
     """Start the server as the arguments say."""
-    return start_local_argilla(args.data_dir, args.port, args.api_key, args.username, args.password,
-                               host=args.host, timeout=args.timeout, detach=detach)
+    return start_local_argilla(args.data_dir, args.port, host=args.host, expose_on_network=args.expose_on_network,
+                               timeout=args.timeout, detach=detach)
 
 
 def command_start(args: argparse.Namespace) -> int:
     """Start detached, unless one already runs on the data dir; print how to reach and stop it."""
+    check_bind_address(args.host, args.expose_on_network)
     info = read_running(args.data_dir)
     if info is None:
         print("setting up argilla venv ...", flush=True)
@@ -93,10 +95,10 @@ def command_serve(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    check_bind_address(args.host, args.expose_on_network)
     ensure_venv(REPO_ROOT, quiet=False)
     server = start(args, detach=False)
-    print(describe(read_running(args.data_dir) or {"url": server.url, "username": server.username,
-                                                    "password": server.password, "api_key": server.api_key}))
+    print(describe(read_running(args.data_dir)))
     print("Press Ctrl-C to stop.", flush=True)
     try:
         while server.is_running():
@@ -142,4 +144,8 @@ COMMANDS = {"start": command_start, "serve": command_serve, "stop": command_stop
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse and run one command."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except LocalArgillaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1

@@ -20,8 +20,9 @@ Python API (``services.argilla``)::
 
 Command line: ``python -m services.argilla serve|start|stop|status|ensure-venv`` (``services/argilla/cli.py``).
 
-The default credentials below are for a LOCAL, loopback-only development
-server.  Never use them for anything reachable from a network.
+The login (user ``argilla``, a random password and API key) is made once per data folder and kept in
+``<data_dir>/credentials.json`` (0600, folder 0700; ``credentials.py``). The server answers only loopback,
+its own Host names and its own browser origin (``exposure.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from services.argilla.credentials import (
+    PRIVATE_FILE_MODE,
+    USERNAME,
+    credentials_path,
+    load_or_create_credentials,
+    secure_data_dir,
+)
+from services.argilla.exposure import (
+    WILDCARD_ADDRESSES,
+    check_bind_address,
+    exposure_environment,
+    inherited_environment,
+)
 from services.argilla.processes import (
     LocalArgillaError,
     free_port,
@@ -49,16 +63,13 @@ from services.argilla.processes import (
     read_pid_file,
     terminate_group,
 )
-from services.argilla.venv import REPO_ROOT, clean_environment, ensure_venv, venv_python
+from services.argilla.venv import REPO_ROOT, ensure_venv, venv_python
 
 SERVICE_DIR = Path(__file__).resolve().parent
 
-# ---- LOCAL-ONLY default credentials (loopback development server; never use elsewhere) ----
-DEFAULT_USERNAME = "argilla"
-DEFAULT_PASSWORD = "12345678"
-DEFAULT_API_KEY = "argilla.apikey"
-# -------------------------------------------------------------------------------------------
+DEFAULT_USERNAME = USERNAME
 DEFAULT_HOST = "127.0.0.1"
+REDIS_HOST = "127.0.0.1"
 DEFAULT_PORT = 6900
 DEFAULT_START_TIMEOUT_S = 90.0
 
@@ -112,11 +123,18 @@ class LocalArgilla:
 
 
 def read_running(data_dir: Path) -> Optional[dict]:
-    """Info of the server started on ``data_dir`` if it is still running (from its pid file), else None."""
+    """Info of the server started on ``data_dir`` if it is still running (from its pid file), else None.
+
+    The login (``username``, ``password``, ``api_key``) comes from the data folder's credentials file, which
+    ``credentials_file`` names; the pid file itself holds no secret.
+    """
     info = read_pid_file(Path(data_dir) / PID_FILE_NAME)
-    if info and process_alive(info.get("server_pid", 0)) and is_ours(info["server_pid"]):
-        return info
-    return None
+    if not (info and process_alive(info.get("server_pid", 0)) and is_ours(info["server_pid"])):
+        return None
+    if info.get("credentials_file"):  # a server started before logins were per folder has them in its pid file
+        login = load_or_create_credentials(data_dir)
+        info.update(username=login.username, password=login.password, api_key=login.api_key)
+    return info
 
 
 def stop_local_argilla(data_dir: Path, timeout: float = 15.0) -> bool:
@@ -136,10 +154,9 @@ def stop_local_argilla(data_dir: Path, timeout: float = 15.0) -> bool:
     return was_running
 
 
-def _server_env(
-    data_dir: Path, redis_url: str, username: str, password: str, api_key: str, parent_pid: Optional[int]
-) -> Dict[str, str]:
-    env = {k: v for k, v in clean_environment().items() if not k.startswith(("ARGILLA_", "LOCAL_ARGILLA_"))}
+def _server_env(data_dir: Path, redis_url: str, host: str, port: int, parent_pid: Optional[int]) -> Dict[str, str]:
+    """The server's whole environment: no inherited keys; the login is read from the credentials file."""
+    env = inherited_environment()
     env.update(
         {
             "ARGILLA_HOME_PATH": str(data_dir),
@@ -150,9 +167,8 @@ def _server_env(
             "HF_HUB_OFFLINE": "1",
             "TMPDIR": str(data_dir / "tmp"),  # argilla copies its 14 MB web UI to a temp dir at each start
             "PYTHONUNBUFFERED": "1",
-            "LOCAL_ARGILLA_USERNAME": username,
-            "LOCAL_ARGILLA_PASSWORD": password,
-            "LOCAL_ARGILLA_API_KEY": api_key,
+            "LOCAL_ARGILLA_CREDENTIALS": str(credentials_path(data_dir)),
+            **exposure_environment(host, port),
         }
     )
     if parent_pid:
@@ -192,11 +208,12 @@ class _Startup:
         return time.monotonic() - self.started > self.timeout
 
     def spawn(self, cmd: List[str], log: Path, env: Dict[str, str]) -> subprocess.Popen:
-        with open(log, "ab") as out:
+        """Start one process, its output appended to a log only the user reads; what it creates is private too."""
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE), "ab") as out:
             out.write(f"\n===== {self.stamp} $ {' '.join(cmd)}\n".encode())
             out.flush()
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    cwd=str(self.data_dir), start_new_session=True)
+                                    cwd=str(self.data_dir), start_new_session=True, umask=0o077)
         self.procs.append(proc)
         return proc
 
@@ -206,18 +223,18 @@ class _Startup:
         return LocalArgillaError(f"{message}\n--- last lines of {log} ---\n{log_tail(log)}")
 
     def start_redis(self) -> tuple[subprocess.Popen, str]:
-        """Fake Redis on a free port; returns the process and its URL once it accepts connections."""
+        """Fake Redis (no password) on a free loopback port, whatever the server binds; its process and URL."""
         port_file, log = self.data_dir / "tmp" / "redis.port", self.logs / "redis.log"
-        cmd = [str(self.python), str(SERVICE_DIR / "fake_redis.py"), "--host", self.host, "--port", "0"]
+        cmd = [str(self.python), str(SERVICE_DIR / "fake_redis.py"), "--host", REDIS_HOST, "--port", "0"]
         cmd += ["--port-file", str(port_file)] + (["--parent-pid", str(self.parent_pid)] if self.parent_pid else [])
-        proc = self.spawn(cmd, log, {**clean_environment(), "PYTHONUNBUFFERED": "1"})
+        proc = self.spawn(cmd, log, {**inherited_environment(), "PYTHONUNBUFFERED": "1"})
         while not port_file.exists():
             if proc.poll() is not None:
                 raise self.fail(f"fake redis exited with code {proc.returncode}", log)
             if self.overdue():
                 raise self.fail("fake redis did not start", log)
             time.sleep(0.05)
-        return proc, f"redis://{self.host}:{int(port_file.read_text())}/0"
+        return proc, f"redis://{REDIS_HOST}:{int(port_file.read_text())}/0"
 
     def start_server(self, port: int, env: Dict[str, str]) -> subprocess.Popen:
         """uvicorn serving app:app, one worker (the search index lives in its memory)."""
@@ -242,9 +259,7 @@ class _Startup:
             time.sleep(0.25)
 
 
-def _check_can_start(data_dir: Path, host: str, port: int, password: str) -> None:
-    if len(password) < 8:
-        raise LocalArgillaError("argilla requires passwords of at least 8 characters")
+def _check_can_start(data_dir: Path, host: str, port: int) -> None:
     running = read_running(data_dir)
     if running:
         raise LocalArgillaError(f"an argilla server is already running on {data_dir} ({running.get('url')}); "
@@ -253,52 +268,58 @@ def _check_can_start(data_dir: Path, host: str, port: int, password: str) -> Non
         raise LocalArgillaError(f"port {host}:{port} is already in use")
 
 
+def _write_private_json(path: Path, payload: dict) -> None:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE), "w") as handle:
+        handle.write(json.dumps(payload, indent=2) + "\n")
+
+
 def start_local_argilla(
     data_dir: Path,
     port: int = 0,
-    api_key: str = DEFAULT_API_KEY,
-    username: str = DEFAULT_USERNAME,
-    password: str = DEFAULT_PASSWORD,
     *,
     venv: Optional[Path] = None,
     host: str = DEFAULT_HOST,
+    expose_on_network: bool = False,
     timeout: float = DEFAULT_START_TIMEOUT_S,
     detach: bool = False,
 ) -> LocalArgilla:
     """Start fake Redis + argilla-server (in-memory search) on ``data_dir``; return once it serves.
 
-    ``port=0`` picks a free port.  ``venv`` defaults to ``ensure_venv(REPO_ROOT)``.
-    Ready means ``GET /api/v1/me`` answers 200 with ``api_key`` (server up, database
+    ``port=0`` picks a free port.  ``venv`` defaults to ``ensure_venv(REPO_ROOT)``.  The login is the data
+    folder's (``credentials.py``: random, made on the first start, kept in a 0600 file).  A ``host`` other than
+    loopback is refused unless ``expose_on_network`` (the ``--expose-on-network-insecure`` flag).
+    Ready means ``GET /api/v1/me`` answers 200 with the API key (server up, database
     migrated, user present).  Raises ``LocalArgillaError`` with the server log tail if it
     is not ready within ``timeout`` seconds or a process dies.  Unless ``detach``, the
-    processes also end when this Python process exits.  Password: at least 8 characters.
+    processes also end when this Python process exits.
     """
     data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    _check_can_start(data_dir, host, port, password)
+    check_bind_address(host, expose_on_network)  # before anything is created
+    secure_data_dir(data_dir)
+    _check_can_start(data_dir, host, port)
+    login = load_or_create_credentials(data_dir)
     venv_dir = Path(venv) if venv is not None else ensure_venv(REPO_ROOT)
     if not venv_python(venv_dir).exists():
         raise LocalArgillaError(f"no python in {venv_dir}; run ensure_venv first")
-    (data_dir / "logs").mkdir(exist_ok=True)
+    (data_dir / "logs").mkdir(mode=0o700, exist_ok=True)
     shutil.rmtree(data_dir / "tmp", ignore_errors=True)
-    (data_dir / "tmp").mkdir()
+    (data_dir / "tmp").mkdir(mode=0o700)
 
     startup = _Startup(data_dir, venv_python(venv_dir), host, timeout, None if detach else os.getpid())
     redis_proc, redis_url = startup.start_redis()
     port = port or free_port(host)
-    url = f"http://{host}:{port}"
-    env = _server_env(data_dir, redis_url, username, password, api_key, startup.parent_pid)
-    server_proc = startup.start_server(port, env)
-    startup.wait_until_ready(server_proc, redis_proc, url, api_key)
+    url = f"http://{DEFAULT_HOST if host in WILDCARD_ADDRESSES else host}:{port}"
+    server_proc = startup.start_server(port, _server_env(data_dir, redis_url, host, port, startup.parent_pid))
+    startup.wait_until_ready(server_proc, redis_proc, url, login.api_key)
 
-    server = LocalArgilla(url=url, api_key=api_key, username=username, password=password, data_dir=data_dir,
-                          port=port, redis_url=redis_url, server_pid=server_proc.pid, redis_pid=redis_proc.pid,
-                          log_file=startup.logs / "server.log", procs=startup.procs)
-    info = {"url": url, "port": port, "host": host, "username": username, "password": password, "api_key": api_key,
+    server = LocalArgilla(url=url, api_key=login.api_key, username=login.username, password=login.password,
+                          data_dir=data_dir, port=port, redis_url=redis_url, server_pid=server_proc.pid,
+                          redis_pid=redis_proc.pid, log_file=startup.logs / "server.log", procs=startup.procs)
+    info = {"url": url, "port": port, "host": host, "credentials_file": str(login.path),
             "server_pid": server_proc.pid, "redis_pid": redis_proc.pid, "redis_url": redis_url,
             "log_file": str(server.log_file), "detached": detach, "started_at": startup.stamp,
             "startup_s": round(time.monotonic() - startup.started, 2)}
-    (data_dir / PID_FILE_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    _write_private_json(data_dir / PID_FILE_NAME, info)
     if not detach:
         atexit.register(server.stop)
     return server

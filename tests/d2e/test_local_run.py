@@ -81,7 +81,8 @@ def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     info = local_server.read_running(argilla_data)
     assert f"Argilla (local, loopback only): {info['url']}" in first.stdout
-    assert f"login: {info['username']} / {info['password']}" in first.stdout
+    assert f"login: {info['username']}, password and API key in {info['credentials_file']}" in first.stdout
+    assert info["password"] not in first.stdout + first.stderr and info["api_key"] not in first.stdout + first.stderr
     assert "Hugging Face Hub: skipped" in first.stdout and "Object storage: skipped" in first.stdout
     records = _argilla_records(local_server, argilla_data)
     assert len(records) == 5

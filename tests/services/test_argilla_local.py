@@ -233,6 +233,10 @@ def test_restart_keeps_data_and_cli_start_stop(local_server, argilla_venv, tmp_p
     assert started.returncode == 0, started.stdout + started.stderr
     info = local_server.read_running(data_dir)
     assert info is not None and info["url"] in started.stdout
+    # where the login is, not the login: the output may be kept in a log
+    assert info["credentials_file"] in started.stdout
+    assert info["password"] not in started.stdout + started.stderr
+    assert info["api_key"] not in started.stdout + started.stderr
     status = subprocess.run(cli + ["status", "--data-dir", str(data_dir)], capture_output=True, cwd=REPO_ROOT)
     assert status.returncode == 0
 
