@@ -227,7 +227,9 @@ def watch_run(output_dir: Path, pipeline_root: Path, pipeline: Any, verbose: boo
     terminal = terminal_stream()
     console = RunConsole(terminal, pipeline_root, pipeline_upstream(pipeline), log_path, verbose)
     console.say(f"Log of every stage: {log_path}" + ("" if verbose else " (--verbose shows it live)"))
-    handle, events = tempfile.mkstemp(prefix="d2e-progress-", suffix=".jsonl")
+    # Under the run's own folder: a killed run leaves it there, not in /tmp.
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    handle, events = tempfile.mkstemp(prefix="progress-", suffix=".jsonl", dir=pipeline_root)
     os.close(handle)
     previous = os.environ.get(PROGRESS_FILE_ENV)
     os.environ[PROGRESS_FILE_ENV] = events  # the stage subprocesses inherit it
