@@ -30,9 +30,12 @@ from components.common import (
     write_json,
     write_splits,
 )
+from components.progress import ProgressReporter
 from components.settings import setting
 
 log = get_logger("embed_score")
+# Texts are encoded this many batches at a time, so progress is reported while a large corpus is encoded.
+BATCHES_PER_PROGRESS_STEP = 8
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,13 @@ def embed_texts(model, texts: list[str], batch_size: int = 64):
     if not unique:
         return {}, np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
     log.info("encoding %d distinct texts", len(unique))
-    vectors = model.encode(unique, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                           show_progress_bar=False)
-    return {text: i for i, text in enumerate(unique)}, vectors.astype(np.float32)
+    progress = ProgressReporter("embed_score", len(unique), unit="texts", logger=log)
+    step, parts = batch_size * BATCHES_PER_PROGRESS_STEP, []
+    for start in range(0, len(unique), step):
+        parts.append(model.encode(unique[start:start + step], batch_size=batch_size, normalize_embeddings=True,
+                                  convert_to_numpy=True, show_progress_bar=False))
+        progress.advance(len(parts[-1]))
+    return {text: i for i, text in enumerate(unique)}, np.concatenate(parts).astype(np.float32)
 
 
 def score_frame(frame, index: dict[str, int], vectors, model) -> Any:

@@ -175,6 +175,28 @@ def histogram_png(frames: dict) -> bytes:
     return buffer.getvalue()
 
 
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def generation_sentence(metrics: dict) -> str:
+    """The generation counts in one sentence: the run summary's line (`pipeline.py run`) and the report's."""
+    cost = metrics.get("generation_estimated_cost_usd")
+    return (f"Generation: {metrics['generation_generated']} generated, {metrics['generation_cached']} from cache, "
+            f"{metrics['generation_failed']} failed; {metrics['generation_llm_requests']} LLM requests "
+            f"({metrics.get('generation_llm_retries', 0)} retries); {metrics['generation_prompt_tokens']} prompt + "
+            f"{metrics['generation_completion_tokens']} completion tokens; estimated cost "
+            + (f"${cost:.4f}." if cost is not None else "unknown (no price for this model: --llm-prices)."))
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The run summary as far as the report knows it, for its top section: the rows of each split and the
+    generation counts. The retrieval comparison is measured later, by evaluate (its own report)."""
+    rows = [f"{split}: {metrics[f'{split}_rows']} rows, {metrics.get(f'{split}_kept_rows', 0)} kept for training"
+            for split in SPLITS]
+    return [*rows, generation_sentence(metrics),
+            "Retrieval, base vs finetuned: in the evaluate stage's output (evaluation.md / evaluation.html)."]
+
+
 # ----------------------------------------------------------------------------------------------- rendering
 
 
@@ -258,7 +280,8 @@ def write_report(
     metrics = {**collect_metrics(load_stats, generation_stats, embed_stats, frames),
                **filter_metrics(filters, styles, mining)}
     png = histogram_png(frames)
-    context = {"stage_rows": _stage_rows(load_stats, generation_stats, embed_stats), "filters": filters,
+    context = {"summary": summary_lines(metrics),
+               "stage_rows": _stage_rows(load_stats, generation_stats, embed_stats), "filters": filters,
                "show_other": any(c["dropped_other"] for c in filters.values()), "styles": styles,
                "mining": {split: summary for split, summary in mining.items() if summary}, "metrics": metrics,
                "examples": _examples(frames), "png_name": "similarity_histograms.png",

@@ -89,6 +89,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--argilla-data-dir", default=str(LOCAL_ARGILLA_DATA), help="data folder of the local Argilla")
     run.add_argument("--argilla-port", type=int, default=LOCAL_ARGILLA_PORT,
                      help="port of the local Argilla (0: any free port)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show the stages' own logs (distilabel, kfp) live; they always go to OUTPUT_DIR/run.log")
     add_setting_flags(run, tuple(parameters.GROUPS))
 
 

@@ -16,8 +16,10 @@ from components.common import EMBEDDED_EMBEDDING_MODEL, SPLITS, StageError, read
 from components.evaluate import format_table
 from components.generate_queries import default_failure_rate
 from components.publish import ARGILLA_API_KEY_ENV
+from components.report import generation_sentence
 from d2e.parameters import group_specs
 from d2e.preflight import check_run
+from d2e.progress import summary_file, watch_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The local Argilla that `run` starts (loopback only; its login is for this machine alone).
@@ -94,14 +96,17 @@ def run_locally(values: dict, given: set, args: argparse.Namespace) -> int:
     # The cluster-only settings (GPU request, secret names) mean nothing to kfp.local: their defaults stay.
     cluster_only = {spec.name for spec in group_specs("target")}
     try:
-        docs_to_embedding_data(**{spec.name: values[spec.name] for spec in pipeline_specs("kfp")
-                                  if spec.name not in cluster_only})
+        with watch_run(output_dir, pipeline_root, docs_to_embedding_data, args.verbose):
+            docs_to_embedding_data(**{spec.name: values[spec.name] for spec in pipeline_specs("kfp")
+                                      if spec.name not in cluster_only})
     except RuntimeError as error:
-        print(f"\nThe pipeline stopped: {error}\nThe failing stage's log above says what to fix. Finished stages "
-              f"keep their outputs under {pipeline_root}.", file=sys.stderr)
+        print(f"\nThe pipeline stopped: {error}\nThe failing stage's last lines above say what to fix (the whole "
+              f"log: {output_dir / 'run.log'}). Finished stages keep their outputs under {pipeline_root}.",
+              file=sys.stderr)
         return 1
-    print_summary(output_dir, time.time() - started)
-    print_publish_summary(values, argilla)
+    with summary_file(output_dir / "summary.md"):
+        print_summary(output_dir, time.time() - started)
+        print_publish_summary(values, argilla)
     return 0
 
 
@@ -161,12 +166,7 @@ def print_summary(output_dir: Path, seconds: float) -> None:
     for split in SPLITS:
         print(f"  {output_dir / f'{split}.parquet'}  ({metrics[f'{split}_rows']} rows)")
     print(f"  {output_dir / 'report.md'}  (also report.html, similarity_histograms.png, metrics.json)")
-    print(f"Generation: {metrics['generation_generated']} generated, {metrics['generation_cached']} from cache, "
-          f"{metrics['generation_failed']} failed; {metrics['generation_llm_requests']} LLM requests "
-          f"({metrics.get('generation_llm_retries', 0)} retries); {metrics['generation_prompt_tokens']} prompt + "
-          f"{metrics['generation_completion_tokens']} completion tokens; estimated cost "
-          + (f"${metrics['generation_estimated_cost_usd']:.4f}." if "generation_estimated_cost_usd" in metrics
-             else "unknown (no price for this model: --llm-prices)."))
+    print(generation_sentence(metrics))
     evaluation = read_json(output_dir / "evaluation.json")
     counts = evaluation["counts"]
     print(f"\nRetrieval, base vs finetuned ({counts['queries']} test queries, corpus of {counts['corpus']} chunks; "

@@ -16,7 +16,7 @@ from distilabel.steps import StepInput
 from distilabel.steps.tasks import GenerateSentencePair
 from pydantic import PrivateAttr
 
-from components.common import ANCHOR, NEGATIVE, POSITIVE
+from components.common import ANCHOR, NEGATIVE, POSITIVE, get_logger
 from components.generate_queries.batch_api import BatchJobs
 from components.generate_queries.cache import open_cache, row_cache_key
 from components.generate_queries.llm import (
@@ -40,6 +40,7 @@ from components.generate_queries.status import (
     record_review_flag,
 )
 from components.generate_queries.validation import parse_generation, restates_instructions, validate_pair
+from components.progress import ProgressReporter
 
 # At most this many cache look-ups at once: against object storage each is a round trip.
 CACHE_LOOKUP_THREADS = 16
@@ -80,6 +81,7 @@ class QueryTripletTask(GenerateSentencePair):
     _instructions: str = PrivateAttr(default="")
     _loop: Any = PrivateAttr(default=None)
     _done: int = PrivateAttr(default=0)
+    _progress: Any = PrivateAttr(default=None)
 
     def load(self) -> None:
         """Load the LLM, open the row cache and work out the output constraint and the instruction words."""
@@ -91,6 +93,9 @@ class QueryTripletTask(GenerateSentencePair):
                                 for style in styles()}
         probe = self.format_input({ANCHOR: ""})
         self._instructions = " ".join(message["content"] for message in probe)
+        # Plain lines in the stage's log; in a local run also the live bar's events (components/progress.py).
+        self._progress = ProgressReporter("generate_queries", self.total_rows, logger=get_logger("generate_queries"),
+                                          tokens=True, failures=True)
         if isinstance(self.llm, OpenAILLM):
             # The pydantic field takes whole seconds; the client takes any float.
             self.llm._aclient = self.llm._aclient.with_options(timeout=self.settings.llm_request_timeout)  # noqa: SLF001
@@ -146,6 +151,8 @@ class QueryTripletTask(GenerateSentencePair):
         pending = self._serve_from_cache(requests)
         if pending and self.settings.llm_use_batch_api:
             self._generate_rows_batch_api(pending)
+            for request in pending:
+                self._count_row(request.row)
         elif pending:
             self._event_loop().run_until_complete(self._generate_rows(pending))
         for row in rows:
@@ -228,9 +235,20 @@ class QueryTripletTask(GenerateSentencePair):
                 record_pair(request.row, entry, "cached")
             else:
                 pending.append(request)
+        if self._progress is not None and len(pending) < len(requests):
+            self._progress.advance(len(requests) - len(pending))
         return pending
 
+    def _count_row(self, row: dict[str, Any]) -> None:
+        if self._progress is not None:
+            self._progress.advance(tokens=row["prompt_tokens"] + row["completion_tokens"],
+                                   failed=int(row["generation_status"] == "failed"))
+
     async def _generate_row(self, request: RowRequest, slots: asyncio.Semaphore) -> None:
+        await self._attempt_row(request, slots)
+        self._count_row(request.row)
+
+    async def _attempt_row(self, request: RowRequest, slots: asyncio.Semaphore) -> None:
         fallback = None  # a valid pair that only carries a review flag
         for number in range(1, self.tuning.max_attempts + 1):
             messages = request.messages if number == 1 else self.format_input(request.row, number)

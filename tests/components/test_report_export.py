@@ -17,7 +17,7 @@ from components.common import (
 from components.embed_score import embed_score
 from components.export import export
 from components.load_docs import load_docs
-from components.report import write_report
+from components.report import generation_sentence, write_report
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,20 @@ def test_report_counts_histograms_and_examples(tmp_path, stage_dirs):
     assert metrics["train_kept_rows"] == 3 and metrics["train_kept_fraction"] == 0.75
     assert "train_dropped_roundtrip" not in metrics and "train_rows_short_of_hard_negatives" not in metrics
     assert "| train | 4 | 3 | 1 | n/a | n/a | 3 | 100.0% |" in markdown
+
+
+def test_the_report_opens_with_the_run_summary(tmp_path, stage_dirs):
+    metrics = write_report(stage_dirs / "docs", stage_dirs / "triplets", stage_dirs / "scored", tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    summary = markdown[markdown.index("## Summary"):markdown.index("## Stages")]
+    assert markdown.index("## Summary") < markdown.index("| stage | result |")
+    assert "- train: 4 rows, 3 kept for training\n" in summary and "- test: 4 rows, 3 kept for training\n" in summary
+    # The sentence `pipeline.py run` prints in its summary.
+    assert f"- {generation_sentence(metrics)}\n" in summary
+    assert "Generation: 6 generated, 0 from cache, 2 failed; 8 LLM requests (0 retries)" in summary
+    page = (tmp_path / "report.html").read_text()
+    assert page.index('<ul id="summary">') < page.index('id="filters"')
+    assert "<li>train: 4 rows, 3 kept for training</li>" in page
 
 
 # Per train chunk (3 valid, 1 failed) two queries, question and keywords; what each filter did to them.

@@ -76,9 +76,38 @@ def _argilla_records(local_server, argilla_data) -> list:
     return list(client.datasets(name="e2e").records(with_vectors=True))
 
 
+# What only run.log may hold: kfp's executor input dumps and base-image warnings, distilabel's own log.
+LOG_ONLY = ("Got executor_input", "custom or non-Python base image", "distilabel.pipeline", "Streamed logs")
+
+
+def check_console(result, output_dir):
+    """Not a terminal (captured): a line per stage start and end, plain progress lines, nothing of the stages' own
+    logs; those are in run.log; the summary is also in summary.md."""
+    err = result.stderr
+    assert f"Log of every stage: {output_dir / 'run.log'} (--verbose shows it live)" in err
+    stages = ("load_docs", "generate_queries", "embed_score", "mine_negatives", "report", "export", "publish",
+              "finetune", "evaluate")
+    for number, stage in enumerate(stages, 1):  # kfp.local runs the tasks in this order
+        assert f"[{number}/9] {stage} started" in err and f"[{number}/9] {stage} done in " in err
+    assert "[1/9] load_docs done in " in err and " s: 5 rows in, 5 rows out" in err
+    assert "[2/9] generate_queries started (5 rows in)" in err
+    assert "      generate_queries: 5/5 rows (100%), " in err and " tokens, " in err
+    assert "      embed_score: " in err and " texts (100%), " in err
+    log = (output_dir / "run.log").read_text()
+    for text in LOG_ONLY:
+        assert text not in result.stdout + err, text
+        assert text in log, text
+    assert "generate_queries: 5/5 rows (100%)" in log  # the stage's own plain lines, as a cluster pod logs them
+    summary = (output_dir / "summary.md").read_text()
+    assert summary.startswith("# Run summary\n\n```text\nDone in ")
+    assert result.stdout.split("Done in ", 1)[1].strip() in summary
+    assert (output_dir / "report.md").read_text().split("\n")[2] == "## Summary"
+
+
 def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
     first = run_cli(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    check_console(first, tmp_path / "out")
     info = local_server.read_running(argilla_data)
     assert f"Argilla (local, loopback only): {info['url']}" in first.stdout
     assert f"login: {info['username']}, password and API key in {info['credentials_file']}" in first.stdout
@@ -122,6 +151,10 @@ def test_local_run_with_bad_input_stops_with_the_reason(tmp_path):
     result = run_cli("run", "--dataset", str(folder), "--output-dir", str(tmp_path / "out"), "--no-llm-cache",
                      "--no-argilla")
     assert result.returncode == 1
-    output = result.stdout + result.stderr
-    assert "has no text column 'page_content'. Columns found: ['text']" in output
-    assert "The pipeline stopped" in output
+    # The failing stage's last lines reach the terminal, with the log's path; the kfp dumps stay in the log.
+    assert "[1/9] load_docs FAILED after " in result.stderr
+    assert "has no text column 'page_content'. Columns found: ['text']" in result.stderr
+    assert f"The whole log: {tmp_path / 'out' / 'run.log'}" in result.stderr
+    assert "The pipeline stopped" in result.stderr
+    assert "Got executor_input" not in result.stdout + result.stderr
+    assert "Got executor_input" in (tmp_path / "out" / "run.log").read_text()

@@ -1,0 +1,274 @@
+"""What `pipeline.py run` shows while the pipeline runs, and the summary it leaves in the output folder.
+
+kfp.local runs every stage as a subprocess and copies its output (distilabel's log, the executor's input dump,
+warnings) to this process's stdout. d2e/console.py sends all of that to OUTPUT_DIR/run.log and hands each line
+here, together with the stages' progress events (components/progress.py). This module turns them into:
+
+- one line as each stage starts and ends: the stage, rows in and out (counted in the task's output datasets),
+  seconds;
+- while generate_queries and embed_score run, one live bar (done/total, rate, ETA, tokens, failures) on an
+  interactive terminal, or a plain progress line every D2E_PROGRESS_INTERVAL seconds elsewhere (CI, logs);
+- for a stage that fails, its last lines and where the whole log is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, TextIO
+
+from components.progress import format_progress, progress_details, progress_interval
+
+# kfp.local's own lines (kfp 2.17, pinned) that say a task starts and ends, once the colour codes are removed.
+TASK_STARTED = re.compile(r"Executing task '([^']+)'")
+TASK_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+COLOUR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# kfp.local indents a task's streamed output by four spaces.
+STREAM_INDENT = "    "
+FAILED_TAIL_LINES = 25
+
+
+def stage_of(task: str) -> str:
+    """The stage name of a kfp task name: `generate-queries-component` -> `generate_queries`."""
+    return task.removesuffix("-component").replace("-", "_")
+
+
+def pipeline_upstream(pipeline: Any) -> dict[str, list[str]]:
+    """Task name -> the tasks it depends on, from the compiled pipeline's DAG."""
+    return {name: list(task.dependent_tasks) for name, task in pipeline.pipeline_spec.root.dag.tasks.items()}
+
+
+def dataset_rows(task_dir: Optional[Path]) -> Optional[int]:
+    """Rows in the parquet files of a task's output artifacts (None when it wrote no dataset)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(task_dir.glob("*/*.parquet")) if task_dir else []
+    return sum(pq.read_metadata(path).num_rows for path in files) if files else None
+
+
+def source_rows(task_dir: Optional[Path]) -> Optional[int]:
+    """Rows a first stage read from its source (`rows_read` per split in its stats.json), if it says."""
+    import json
+
+    for path in sorted(task_dir.glob("*/stats.json")) if task_dir else []:
+        splits = json.loads(path.read_text()).get("splits") or {}
+        counts = [split.get("rows_read") for split in splits.values() if isinstance(split, dict)]
+        if counts and all(isinstance(count, int) for count in counts):
+            return sum(counts)
+    return None
+
+
+def _rows(count: Optional[int]) -> str:
+    return "-" if count is None else f"{count:,}"
+
+
+@dataclass
+class StageRun:
+    """A stage that started: its place in the run, when it started, its rows in and its latest output lines."""
+
+    task: str
+    number: int
+    started: float
+    rows_in: Optional[int]
+    tail: deque = field(default_factory=lambda: deque(maxlen=FAILED_TAIL_LINES))
+
+
+class RunConsole:
+    """The terminal view of a local run, fed with captured output lines (`line`) and progress events (`event`)."""
+
+    def __init__(self, terminal: TextIO, pipeline_root: Path, upstream: dict[str, list[str]], log_path: Path,
+                 verbose: bool = False, interactive: Optional[bool] = None):
+        from rich.console import Console
+
+        self.terminal, self.pipeline_root, self.upstream = terminal, pipeline_root, upstream
+        self.log_path, self.verbose, self.interval = log_path, verbose, progress_interval()
+        self.rich = Console(file=terminal, highlight=False, soft_wrap=True)
+        self.interactive = (self.rich.is_terminal and not self.rich.is_dumb_terminal) if interactive is None \
+            else interactive
+        self.stages: dict[str, StageRun] = {}
+        self.finished: dict[str, Optional[int]] = {}  # task -> rows out, in the order tasks finished
+        self.failed: list[str] = []
+        self.current: Optional[StageRun] = None
+        self.last_printed: dict[str, float] = {}
+        # The live bar runs only while a stage reports progress; between those, lines are printed plainly.
+        self.bar, self.bar_tasks = None, {}
+
+    def _start_bar(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("{task.fields[detail]}"),
+                        console=self.rich, transient=True,
+                        # The run's stdout/stderr are already captured (d2e/console.py): rich must not take them over.
+                        redirect_stdout=False, redirect_stderr=False, refresh_per_second=2)
+        self.bar.start()
+
+    # -- output ----------------------------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        """Print a line above the live bar (or plainly)."""
+        if self.bar is not None:
+            self.bar.console.print(text, markup=False)
+        else:
+            self.terminal.write(text + "\n")
+            self.terminal.flush()
+
+    def _echo(self, line: str) -> None:
+        if self.bar is not None:
+            from rich.text import Text
+
+            self.bar.console.print(Text.from_ansi(line))
+        else:
+            self.terminal.write(line + "\n")
+            self.terminal.flush()
+
+    # -- input -----------------------------------------------------------------------------------------------
+
+    def line(self, raw: str) -> None:
+        """One line of captured output: a kfp task marker, or a stage's own output (kept for an error)."""
+        if self.verbose:
+            self._echo(raw)
+        text = COLOUR.sub("", raw)
+        started, finished = TASK_STARTED.search(text), TASK_FINISHED.search(text)
+        if started:
+            self._started(started.group(1))
+        elif finished:
+            self._finished(finished.group(1), finished.group(2))
+        elif self.current is not None and text.strip():
+            self.current.tail.append(text.removeprefix(STREAM_INDENT))
+
+    def event(self, event: dict[str, Any]) -> None:
+        """A progress event of a running stage (see components/progress.py)."""
+        stage = event.get("stage")
+        if self.current is None or stage != stage_of(self.current.task):
+            return  # a late event of a stage that already ended
+        if self.interactive:
+            self._update_bar(event)
+            return
+        now = time.monotonic()
+        done = event["done"] and event["done"] >= event["total"]
+        if event["done"] and (done or now - self.last_printed.get(stage, 0.0) >= self.interval):
+            self.last_printed[stage] = now
+            self.say(f"      {format_progress(event)}")
+
+    def _update_bar(self, event: dict[str, Any]) -> None:
+        stage = event["stage"]
+        if self.bar is None:
+            self._start_bar()
+        if stage not in self.bar_tasks:
+            self.bar_tasks[stage] = self.bar.add_task(stage, total=event["total"], unit=event["unit"], detail="")
+        self.bar.update(self.bar_tasks[stage], completed=event["done"], total=event["total"],
+                        detail=progress_details(event))
+
+    # -- stages ----------------------------------------------------------------------------------------------
+
+    def _task_dir(self, task: str) -> Optional[Path]:
+        candidates = [path for path in self.pipeline_root.glob(f"*/{task}") if path.is_dir()]
+        return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
+
+    def _rows_in(self, task: str) -> Optional[int]:
+        upstream = [name for name in self.finished if name in self.upstream.get(task, ())]
+        counts = [self.finished[name] for name in upstream if self.finished[name] is not None]
+        return counts[-1] if counts else None  # the rows of the latest upstream stage that wrote a dataset
+
+    def _started(self, task: str) -> None:
+        number = len(self.stages) + 1
+        run = StageRun(task, number, time.monotonic(), self._rows_in(task))
+        self.stages[task] = self.current = run
+        rows = f" ({_rows(run.rows_in)} rows in)" if run.rows_in is not None else ""
+        self.say(f"[{number}/{len(self.upstream)}] {stage_of(task)} started{rows}")
+
+    def _finished(self, task: str, status: str) -> None:
+        run = self.stages.get(task) or StageRun(task, len(self.stages) + 1, time.monotonic(), None)
+        seconds = time.monotonic() - run.started
+        stage = stage_of(task)
+        if stage in self.bar_tasks:
+            self.bar.remove_task(self.bar_tasks.pop(stage))
+            self.close()
+        task_dir = self._task_dir(task)
+        rows_out = dataset_rows(task_dir)
+        self.finished[task] = rows_out
+        rows_in = run.rows_in if run.rows_in is not None or self.upstream.get(task) else source_rows(task_dir)
+        head = f"[{run.number}/{len(self.upstream)}] {stage}"
+        if status == "SUCCESS":
+            self.say(f"{head} done in {seconds:.1f} s: {_rows(rows_in)} rows in, {_rows(rows_out)} rows out")
+        else:
+            self.failed.append(stage)
+            self.say(f"{head} FAILED after {seconds:.1f} s. Its last lines:")
+            for text in run.tail:
+                self.say(f"  | {text}")
+            self.say(f"The whole log: {self.log_path}")
+        self.current = None
+
+    def close(self) -> None:
+        """Stop the live bar (it leaves no trace: the stage's end line follows)."""
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar, self.bar_tasks = None, {}
+
+
+@contextlib.contextmanager
+def watch_run(output_dir: Path, pipeline_root: Path, pipeline: Any, verbose: bool = False) -> Iterator[RunConsole]:
+    """Around the pipeline call: its output goes to OUTPUT_DIR/run.log (and, with `verbose`, to the terminal);
+    the terminal shows the stage lines, the live progress and the errors."""
+    import os
+    import tempfile
+
+    from components.progress import PROGRESS_FILE_ENV
+    from d2e.console import captured_output, terminal_stream
+
+    log_path = output_dir / "run.log"
+    terminal = terminal_stream()
+    console = RunConsole(terminal, pipeline_root, pipeline_upstream(pipeline), log_path, verbose)
+    console.say(f"Log of every stage: {log_path}" + ("" if verbose else " (--verbose shows it live)"))
+    # Under the run's own folder: a killed run leaves it there, not in /tmp.
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    handle, events = tempfile.mkstemp(prefix="progress-", suffix=".jsonl", dir=pipeline_root)
+    os.close(handle)
+    previous = os.environ.get(PROGRESS_FILE_ENV)
+    os.environ[PROGRESS_FILE_ENV] = events  # the stage subprocesses inherit it
+    try:
+        with captured_output(log_path, console.line, Path(events), console.event):
+            yield console
+    except BaseException:
+        if not console.failed:  # a failing stage has already said where the log is
+            console.say(f"The whole log: {log_path}")
+        raise
+    finally:
+        console.close()
+        terminal.close()
+        os.unlink(events)
+        if previous is None:
+            os.environ.pop(PROGRESS_FILE_ENV, None)
+        else:
+            os.environ[PROGRESS_FILE_ENV] = previous
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams: TextIO):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def summary_file(path: Path) -> Iterator[None]:
+    """Print as usual, and keep what was printed as Markdown in `path` (OUTPUT_DIR/summary.md)."""
+    copy = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, copy)):
+        yield
+    text = copy.getvalue().strip("\n")
+    path.write_text(f"# Run summary\n\n```text\n{text}\n```\n", encoding="utf-8")
