@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from components.common import STAGE_IMAGES
-from d2e.targets import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME, TARGETS
+from d2e.targets import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME, TARGETS, VERTEX_ONLY_PARAMETERS
 from pipeline import compile_pipeline
 from tests.conftest import PROJECT_ROOT
 
@@ -156,7 +156,7 @@ def test_pipeline_signature_follows_the_settings_order():
 
     declared = [s.name for _, settings_class in SETTINGS for s in specs(settings_class)]
     shown = list(inspect.signature(docs_to_embedding_data.pipeline_func).parameters)
-    assert shown == [name for name in declared if name != "openai_secret_resource"]
+    assert shown == [name for name in declared if name not in VERTEX_ONLY_PARAMETERS]
     assert shown[:4] == ["dataset", "limit", "text_column", "docs_base_url"]  # what a run reads first comes first
 
 
