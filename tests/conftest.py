@@ -35,6 +35,22 @@ def write_chunk_folder(folder: Path, train: pd.DataFrame, test: pd.DataFrame) ->
     return folder
 
 
+@pytest.fixture(scope="session")
+def compiled_yaml(tmp_path_factory):
+    """`compiled_yaml(target)`: the pipeline's YAML for a target, compiled once per session and shared (read-only)."""
+    from pipeline import compile_pipeline
+
+    texts: dict[str, str] = {}
+
+    def compiled(target: str) -> str:
+        if target not in texts:
+            folder = tmp_path_factory.mktemp(f"compiled-{target}")
+            texts[target] = compile_pipeline(folder / "pipeline.yaml", target).read_text()
+        return texts[target]
+
+    return compiled
+
+
 @pytest.fixture
 def small_chunks(tmp_path, kubeflow_docs) -> Path:
     """Three train and two test chunks of the real corpus, in the source schema."""

@@ -16,7 +16,6 @@ from components.common import (
 )
 from components.load_docs import LoadDocsSettings
 from d2e import targets
-from pipeline import compile_pipeline
 from tests.conftest import PROJECT_ROOT
 
 PIPELINE_STAGES = STAGES
@@ -35,10 +34,10 @@ SECRET_PATHS = (
 
 
 @pytest.fixture(scope="module", params=targets.TARGETS)
-def compiled(request, tmp_path_factory):
-    path = compile_pipeline(tmp_path_factory.mktemp(request.param) / "p.yaml", request.param)
-    documents = list(yaml.safe_load_all(path.read_text()))
-    return request.param, path.read_text(), documents[0], (documents[1] if len(documents) > 1 else {})
+def compiled(request, compiled_yaml):
+    text = compiled_yaml(request.param)
+    documents = list(yaml.safe_load_all(text))
+    return request.param, text, documents[0], (documents[1] if len(documents) > 1 else {})
 
 
 def executor(spec, stage):
