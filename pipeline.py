@@ -24,7 +24,7 @@ from components.mine_negatives import mine_negatives_component
 from components.publish import publish_component
 from components.report import report_component
 from d2e.parameters import pipeline_signature, stage_arguments
-from d2e.targets import check_target, configure_task, generation_secret_arguments, mount_secrets, request_gpu
+from d2e.targets import check_target, configure_task, mount_secrets, request_gpu, secret_arguments
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 PIPELINE_NAME = "docs-to-embedding-data"
@@ -38,7 +38,7 @@ def add_stages(target: str, values: dict) -> None:
     """The tasks and their wiring; `values` holds one pipeline parameter per setting, by name."""
     load = configure_task(load_docs_component(**stage_arguments("load_docs", values)), "load_docs")
     generate = generate_queries_component(docs=load.outputs["docs"], **stage_arguments("generate_queries", values),
-                                          **generation_secret_arguments(target, values))
+                                          **secret_arguments(target, "generate_queries", values))
     configure_task(generate, "generate_queries")
     embed = embed_score_component(triplets=generate.outputs["triplets"], **stage_arguments("embed_score", values))
     configure_task(embed, "embed_score")
@@ -58,7 +58,8 @@ def add_stages(target: str, values: dict) -> None:
                              **stage_arguments("export", values))
     configure_task(final, "export")
     publish = publish_component(scored=mined, report_files=report.outputs["report_files"],
-                                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **stage_arguments("publish", values))
+                                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **stage_arguments("publish", values),
+                                **secret_arguments(target, "publish", values))
     configure_task(publish, "publish")
 
     # Finetune starts from the embedding model embed_score used; evaluate compares against it.
@@ -69,10 +70,10 @@ def add_stages(target: str, values: dict) -> None:
     # Evaluate encodes the whole corpus twice (base and finetuned): with a large model that wants the GPU too.
     judge = evaluate_component(scored=mined, finetuned_model=tune.outputs["model"],
                                base_model=values["embedding_model"], output_uri=values["output_uri"],
-                               **stage_arguments("evaluate", values))
+                               **stage_arguments("evaluate", values), **secret_arguments(target, "evaluate", values))
     configure_task(judge, "evaluate")
     request_gpu(judge, target, values)
-    mount_secrets(target, generate=generate, publish=publish, evaluate=judge)
+    mount_secrets(target, {"generate_queries": generate, "publish": publish, "evaluate": judge})
 
 
 def build_pipeline(target: str = "kfp"):

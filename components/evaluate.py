@@ -289,19 +289,24 @@ def evaluate_component(
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
+    hf_secret_resource: str = "",
 ):
     """Base vs finetuned retrieval metrics per Matryoshka dimension with the gain's 95% interval; export the
     finetuned model only if the gate says it wins.
 
     The model goes to model_export_uri, else to <output_uri>/model (components.storage.export_targets).
     """
+    arguments = dict(locals())  # first, while the arguments are the only locals
     import shutil
 
+    from components.common import HF_TOKEN_ENV, load_secret_into_env
     from components.evaluate import EvaluateSettings, copy_evaluation_files, evaluate
     from components.settings import from_arguments
     from components.storage import export_targets
 
-    settings = from_arguments(EvaluateSettings, locals())
+    # Vertex: the Hub token comes from Secret Manager by name at run time (Kubeflow injects it as env instead).
+    load_secret_into_env(hf_secret_resource, HF_TOKEN_ENV)
+    settings = from_arguments(EvaluateSettings, arguments)
     targets = export_targets(output_uri=output_uri, model_export_uri=settings.model_export_uri)
     result = evaluate(scored.path, finetuned_model.path, evaluation.path, base_model,
                       min_improvement=settings.min_improvement, model_export_uri=targets.model,

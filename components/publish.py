@@ -1,7 +1,8 @@
 """The publish stage: the scored dataset to Argilla (review), the Hugging Face Hub (reuse) and object storage.
 
 Each target is optional: an empty URL / repo / URI skips it with one log line. Secrets come from the
-environment only (ARGILLA_API_KEY, HF_TOKEN; Kubernetes secrets in the cluster), never from parameters.
+environment only (ARGILLA_API_KEY, HF_TOKEN: Kubernetes secrets on Kubeflow, read from Secret Manager by the
+component on Vertex), never from parameters.
 
 Decisions:
 - Argilla record ids are `<split>-<chunk_id>-<query_style>-<query_variant>` (chunk_id hashes the anchor text;
@@ -366,13 +367,19 @@ def publish_component(
     export_uri: str,
     run_id: str,
     published: Output[Artifact],
+    argilla_secret_resource: str = "",
+    hf_secret_resource: str = "",
 ):
     """Publish the scored dataset to Argilla, the Hugging Face Hub and object storage, each when configured."""
-    from components.common import write_json
+    arguments = dict(locals())  # first, while the arguments are the only locals
+    from components.common import ARGILLA_API_KEY_ENV, HF_TOKEN_ENV, load_secret_into_env, write_json
     from components.publish import PublishSettings, publish
     from components.settings import as_dict, from_arguments
 
-    settings = from_arguments(PublishSettings, locals())
+    # Vertex: the keys come from Secret Manager by name at run time (Kubeflow injects them as env instead).
+    load_secret_into_env(argilla_secret_resource, ARGILLA_API_KEY_ENV)
+    load_secret_into_env(hf_secret_resource, HF_TOKEN_ENV)
+    settings = from_arguments(PublishSettings, arguments)
     summary = publish(scored.path, report_files.path, run_id=run_id, **as_dict(settings))
     write_json(f"{published.path}/publish.json", summary)
     if summary["argilla"]:

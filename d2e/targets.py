@@ -13,10 +13,9 @@ TARGETS = ("kfp", "vertex")
 # Vertex picks the machine from the accelerator and the CPU/memory limits: one L4 + 8 vCPU / 32 GB -> g2-standard-8.
 VERTEX_ACCELERATOR = "NVIDIA_L4"
 KFP_ACCELERATOR = "nvidia.com/gpu"
-# The Kubernetes secret that holds the OpenAI key; its value never becomes a pipeline parameter.
+# The Kubernetes secrets (Kubeflow) that hold the keys; no value ever becomes a pipeline parameter.
 OPENAI_SECRET_NAME = "openai-api-key"
 OPENAI_SECRET_KEY = "OPENAI_API_KEY"
-# Publishing secrets, likewise only env variables from optional Kubernetes secrets.
 ARGILLA_SECRET_NAME = "argilla-api-key"
 HF_SECRET_NAME = "hf-token"
 # Caching: only stages that are pure functions of their inputs. load_docs may read a Hub id or bucket whose content
@@ -28,12 +27,32 @@ CACHED_STAGES = frozenset({"embed_score", "mine_negatives", "report"})
 RETRY = {"num_retries": 3, "backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
 # Parameters that exist on one target only (the rest of the signature is shared).
 KFP_ONLY_PARAMETERS = ("gpu_accelerator_type", "gpu_count", "gpu_node_selector", "gpu_tolerations")
-VERTEX_ONLY_PARAMETERS = ("openai_secret_resource",)
+VERTEX_ONLY_PARAMETERS = ("vertex_accelerator_type", "vertex_accelerator_count", "openai_secret_resource",
+                          "argilla_secret_resource", "hf_secret_resource")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """One credential and its two paths into a task's environment variable `env` (the only place a stage reads it):
+    Kubeflow mounts the Kubernetes secret `kubernetes_secret` (key `env`); on Vertex the task reads the Secret
+    Manager name in the pipeline parameter `parameter` at run time."""
+
+    env: str
+    kubernetes_secret: str
+    parameter: str
+    stages: tuple[str, ...]
+
+
+SECRETS: tuple[Secret, ...] = (
+    Secret(OPENAI_SECRET_KEY, OPENAI_SECRET_NAME, "openai_secret_resource", ("generate_queries",)),
+    Secret(ARGILLA_API_KEY_ENV, ARGILLA_SECRET_NAME, "argilla_secret_resource", ("publish",)),
+    Secret(HF_TOKEN_ENV, HF_SECRET_NAME, "hf_secret_resource", ("publish", "evaluate")),
+)
 
 
 @dataclass(frozen=True)
 class TargetSettings:
-    """Cluster-only pipeline parameters: the GPU request on Kubeflow, the OpenAI key's secret on Vertex AI.
+    """Cluster-only pipeline parameters: the GPU request of each target, the Secret Manager names on Vertex AI.
 
     A local run has no use for them, so none of them is a `run` flag.
     """
@@ -45,8 +64,17 @@ class TargetSettings:
                                       "(Kubeflow only)", cli=False)
     gpu_tolerations: list = setting([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                                     "tolerations of the GPU tasks (Kubeflow only)", cli=False)
+    # Vertex picks the machine from these and the CPU/memory limits (stage_resources): check the type and count
+    # against the machine types of your region (https://cloud.google.com/vertex-ai/docs/pipelines/machine-types).
+    vertex_accelerator_type: str = setting(VERTEX_ACCELERATOR, "Vertex AI accelerator of the GPU tasks, e.g. "
+                                           "NVIDIA_L4, NVIDIA_TESLA_T4, NVIDIA_A100_80GB (Vertex only)", cli=False)
+    vertex_accelerator_count: int = setting(1, "accelerators per GPU task (Vertex only)", minimum=1, cli=False)
     openai_secret_resource: str = setting("", "Secret Manager name of the OpenAI key, projects/P/secrets/NAME "
                                           "(Vertex only; Kubeflow mounts the Kubernetes secret instead)", cli=False)
+    argilla_secret_resource: str = setting("", "Secret Manager name of the Argilla API key, projects/P/secrets/NAME "
+                                           "(Vertex only; Kubeflow mounts the Kubernetes secret instead)", cli=False)
+    hf_secret_resource: str = setting("", "Secret Manager name of the Hugging Face token, projects/P/secrets/NAME "
+                                      "(Vertex only; Kubeflow mounts the Kubernetes secret instead)", cli=False)
 
 
 def check_target(target: str) -> str:
@@ -74,22 +102,25 @@ def configure_task(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
 
 
 def request_gpu(task: dsl.PipelineTask, target: str, values: dict) -> None:
-    """The same GPU request on every GPU task: parameters on Kubeflow, a fixed accelerator on Vertex."""
+    """The same GPU request on every GPU task, from each target's own pipeline parameters (a Kubernetes resource
+    name on Kubeflow, an accelerator enum on Vertex): the YAML holds references, the run supplies the values."""
     if target == "kfp":
         task.set_accelerator_type(values["gpu_accelerator_type"]).set_accelerator_limit(values["gpu_count"])
         kubernetes.add_node_selector_json(task, values["gpu_node_selector"])
         kubernetes.add_toleration_json(task, values["gpu_tolerations"])
     else:
-        task.set_accelerator_type(VERTEX_ACCELERATOR).set_accelerator_limit(1)
+        task.set_accelerator_type(values["vertex_accelerator_type"])
+        task.set_accelerator_limit(values["vertex_accelerator_count"])
 
 
-def generation_secret_arguments(target: str, values: dict) -> dict:
-    """Extra arguments of the generation task: on Vertex, the Secret Manager name it reads the key from."""
-    return {"openai_secret_resource": values["openai_secret_resource"]} if target == "vertex" else {}
+def secret_arguments(target: str, stage: str, values: dict) -> dict:
+    """Extra arguments of a stage's task: on Vertex, the Secret Manager names of the keys it reads at run time."""
+    if target != "vertex":
+        return {}
+    return {secret.parameter: values[secret.parameter] for secret in SECRETS if stage in secret.stages}
 
 
-def mount_secrets(target: str, generate: dsl.PipelineTask, publish: dsl.PipelineTask,
-                  evaluate: dsl.PipelineTask) -> None:
+def mount_secrets(target: str, tasks: dict[str, dsl.PipelineTask]) -> None:
     """Kubeflow: each key as an env variable from an optional Kubernetes secret (Vertex has none to mount).
 
     Optional, because the local llama.cpp default and keyless OpenAI-compatible servers need no key, and each
@@ -97,10 +128,7 @@ def mount_secrets(target: str, generate: dsl.PipelineTask, publish: dsl.Pipeline
     """
     if target != "kfp":
         return
-    kubernetes.use_secret_as_env(generate, secret_name=OPENAI_SECRET_NAME,
-                                 secret_key_to_env={OPENAI_SECRET_KEY: "OPENAI_API_KEY"}, optional=True)
-    kubernetes.use_secret_as_env(publish, secret_name=ARGILLA_SECRET_NAME,
-                                 secret_key_to_env={ARGILLA_API_KEY_ENV: ARGILLA_API_KEY_ENV}, optional=True)
-    for task in (publish, evaluate):
-        kubernetes.use_secret_as_env(task, secret_name=HF_SECRET_NAME,
-                                     secret_key_to_env={HF_TOKEN_ENV: HF_TOKEN_ENV}, optional=True)
+    for secret in SECRETS:
+        for stage in secret.stages:
+            kubernetes.use_secret_as_env(tasks[stage], secret_name=secret.kubernetes_secret,
+                                         secret_key_to_env={secret.env: secret.env}, optional=True)

@@ -35,6 +35,22 @@ def write_chunk_folder(folder: Path, train: pd.DataFrame, test: pd.DataFrame) ->
     return folder
 
 
+@pytest.fixture(scope="session")
+def compiled_yaml(tmp_path_factory):
+    """`compiled_yaml(target)`: the pipeline's YAML for a target, compiled once per session and shared (read-only)."""
+    from pipeline import compile_pipeline
+
+    texts: dict[str, str] = {}
+
+    def compiled(target: str) -> str:
+        if target not in texts:
+            folder = tmp_path_factory.mktemp(f"compiled-{target}")
+            texts[target] = compile_pipeline(folder / "pipeline.yaml", target).read_text()
+        return texts[target]
+
+    return compiled
+
+
 @pytest.fixture
 def small_chunks(tmp_path, kubeflow_docs) -> Path:
     """Three train and two test chunks of the real corpus, in the source schema."""
@@ -68,3 +84,34 @@ def argilla_client(argilla_server):
     import argilla as rg
 
     return rg.Argilla(api_url=argilla_server.url, api_key=argilla_server.api_key)
+
+
+@pytest.fixture
+def fake_secret_manager(monkeypatch):
+    """Secret Manager is unreachable here: its client's one API call is replaced, everything that reads the
+    secret is real. Fill the returned dict with {secret name: value}; `.requested` lists the versions read.
+    The env variables a component fills from it are removed again after the test."""
+    from google.cloud import secretmanager
+    from google.cloud.secretmanager_v1.types import AccessSecretVersionResponse, SecretPayload
+
+    secrets = FakeSecrets()
+
+    def access_secret_version(self, name=None, **kwargs):
+        secrets.requested.append(name)
+        return AccessSecretVersionResponse(name=name, payload=SecretPayload(data=secrets[name.split("/versions/")[0]]
+                                                                            .encode() + b"\n"))
+
+    monkeypatch.setattr(secretmanager.SecretManagerServiceClient, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(secretmanager.SecretManagerServiceClient, "access_secret_version", access_secret_version)
+    for name in ("OPENAI_API_KEY", "ARGILLA_API_KEY", "HF_TOKEN"):
+        monkeypatch.setenv(name, "unset")  # recorded, so the test's own value is undone afterwards
+        monkeypatch.delenv(name)
+    return secrets
+
+
+class FakeSecrets(dict):
+    """Secret name -> value, and the versions that were read."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested: list[str] = []

@@ -5,8 +5,7 @@ import pytest
 import yaml
 
 from components.common import STAGE_IMAGES
-from d2e.targets import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME, TARGETS
-from pipeline import compile_pipeline
+from d2e.targets import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME, TARGETS, VERTEX_ONLY_PARAMETERS
 from tests.conftest import PROJECT_ROOT
 
 STAGES = ("load-docs", "generate-queries", "embed-score", "mine-negatives", "report", "export", "publish", "finetune",
@@ -16,10 +15,10 @@ GPU_TASKS = ["exec-embed-score-component", "exec-evaluate-component", "exec-fine
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    path = compile_pipeline(tmp_path_factory.mktemp("compiled") / "pipeline.yaml")
-    documents = list(yaml.safe_load_all(path.read_text()))
-    return path.read_text(), documents[0], (documents[1] if len(documents) > 1 else {})
+def compiled(compiled_yaml):
+    text = compiled_yaml("kfp")
+    documents = list(yaml.safe_load_all(text))
+    return text, documents[0], (documents[1] if len(documents) > 1 else {})
 
 
 def test_compiled_pipeline_has_every_stage_with_its_own_image(compiled):
@@ -110,9 +109,9 @@ def test_cluster_defaults_and_secret_reference_only(compiled):
 
 
 @pytest.mark.parametrize("target,committed", [("kfp", "pipeline.yaml"), ("vertex", "pipeline-vertex.yaml")])
-def test_committed_yaml_is_fresh(target, committed, tmp_path):
+def test_committed_yaml_is_fresh(target, committed, compiled_yaml):
     """Like ilab-on-ocp: the committed YAML of each target must equal a fresh compile (run `make compile`)."""
-    fresh = compile_pipeline(tmp_path / committed, target).read_text()
+    fresh = compiled_yaml(target)
     # Compared parsed: the compiler's comment header prints dict defaults in no fixed key order.
     assert list(yaml.safe_load_all((PROJECT_ROOT / committed).read_text())) == list(yaml.safe_load_all(fresh)), (
         f"{committed} is stale: run `make compile` and commit it")
@@ -126,11 +125,11 @@ def component_inputs(spec: dict, stage: str) -> set:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_every_setting_is_a_pipeline_parameter_wired_to_its_stage(target, tmp_path):
+def test_every_setting_is_a_pipeline_parameter_wired_to_its_stage(target, compiled_yaml):
     from components.settings import specs
     from d2e.parameters import SETTINGS, pipeline_specs
 
-    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", target).read_text()))
+    spec = next(yaml.safe_load_all(compiled_yaml(target)))
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     # Exactly the target's settings, with their cluster defaults.
     assert set(parameters) == {s.name for s in pipeline_specs(target)}
@@ -156,7 +155,7 @@ def test_pipeline_signature_follows_the_settings_order():
 
     declared = [s.name for _, settings_class in SETTINGS for s in specs(settings_class)]
     shown = list(inspect.signature(docs_to_embedding_data.pipeline_func).parameters)
-    assert shown == [name for name in declared if name != "openai_secret_resource"]
+    assert shown == [name for name in declared if name not in VERTEX_ONLY_PARAMETERS]
     assert shown[:4] == ["dataset", "limit", "text_column", "docs_base_url"]  # what a run reads first comes first
 
 

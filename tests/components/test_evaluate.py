@@ -252,6 +252,33 @@ def test_hub_push_happens_only_on_a_win_and_needs_the_token(tmp_path, scored_dir
     assert len(pushed) == 1
 
 
+def test_on_vertex_the_hub_token_is_read_from_secret_manager(tmp_path, scored_dir, models, monkeypatch,
+                                                            fake_secret_manager, capfd):
+    import huggingface_hub
+    from kfp import dsl
+
+    from components.evaluate import evaluate_component
+
+    pushed = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, folder_path, repo_id, **kw: pushed.append((folder_path, repo_id, self.token)))
+    fake_secret_manager["projects/p/secrets/hf-token"] = "hf_from_secret_manager"
+    good, worse = models
+    evaluation = dsl.Artifact(uri=str(tmp_path / "evaluation"))
+    # The component's own body, as the Vertex task runs it: no HF_TOKEN in the environment, only the secret's name.
+    evaluate_component.python_func(
+        scored=dsl.Dataset(uri=str(scored_dir)), finetuned_model=dsl.Model(uri=str(good)), base_model=str(worse),
+        min_improvement=0.01, min_eval_queries=50, force_export=False, model_export_uri="",
+        hub_model_repo="me/model", output_uri="", evaluation=evaluation, metrics=dsl.Metrics(),
+        report=dsl.HTML(uri=str(tmp_path / "report.html")), hf_secret_resource="projects/p/secrets/hf-token")
+    assert fake_secret_manager.requested == ["projects/p/secrets/hf-token/versions/latest"]
+    assert pushed == [(str(good), "me/model", "hf_from_secret_manager")]
+    output = capfd.readouterr()
+    written = output.out + output.err + (tmp_path / "evaluation" / "evaluation.json").read_text()
+    assert "hf_from_secret_manager" not in written + json.dumps(evaluation.metadata)
+
+
 def test_queries_get_the_model_query_prompt(tmp_path, corpus, models):
     from sentence_transformers import SentenceTransformer
 

@@ -428,6 +428,27 @@ def test_api_key_never_reaches_logs_outputs_cache_or_compiled_yaml(tmp_path, chu
     assert "OPENAI_API_KEY" in text  # referenced by name, from the Kubernetes secret
 
 
+def test_on_vertex_the_key_is_read_from_secret_manager_by_name(tmp_path, chunks_6, openai_server,
+                                                              fake_secret_manager, capfd):
+    from kfp import dsl
+
+    from components.generate_queries import generate_queries_component
+    from components.settings import as_dict
+
+    server = openai_server()
+    fake_secret_manager["projects/p/secrets/openai-api-key"] = FAKE_KEY
+    triplets = dsl.Dataset(uri=str(tmp_path / "triplets"))
+    # The component's own body, as the Vertex task runs it: no OPENAI_API_KEY in the environment, only the name.
+    generate_queries_component.python_func(docs=dsl.Dataset(uri=str(chunks_6)), triplets=triplets,
+                                           openai_secret_resource="projects/p/secrets/openai-api-key",
+                                           **as_dict(fast_settings(tmp_path)))
+    assert fake_secret_manager.requested == ["projects/p/secrets/openai-api-key/versions/latest"]
+    assert server.authorizations == {f"Bearer {FAKE_KEY}"}  # every request carried the key from Secret Manager
+    assert triplets.metadata["rows"] == 6 and triplets.metadata["failed"] == 0
+    output = capfd.readouterr()
+    assert FAKE_KEY not in output.out + output.err + json.dumps(triplets.metadata)
+
+
 # ---------------------------------------------------------------------------------------------
 # Estimate
 

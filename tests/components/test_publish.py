@@ -324,6 +324,42 @@ def test_hub_needs_a_token(scored_dir, report_dir, monkeypatch):
         publish(scored_dir, report_dir, hub_repo="me/x")
 
 
+# ------------------------------------------------------------------------------------------------ Vertex
+
+
+def test_on_vertex_the_argilla_key_and_hub_token_are_read_from_secret_manager(
+        argilla_server, argilla_client, scored_dir, report_dir, fake_secret_manager, tmp_path, monkeypatch, capfd):
+    from datasets import DatasetDict
+    from huggingface_hub import HfApi
+    from kfp import dsl
+
+    from components.publish import publish_component
+
+    fake_secret_manager["projects/p/secrets/argilla-api-key"] = argilla_server.api_key
+    fake_secret_manager["projects/p/secrets/hf-token"] = "hf_from_secret_manager"
+    tokens = []
+    monkeypatch.setattr(DatasetDict, "push_to_hub", lambda self, repo_id, **kw: tokens.append(kw["token"]))
+    monkeypatch.setattr(HfApi, "upload_file", lambda self, **kw: tokens.append(self.token))
+    name = f"vertex-{uuid.uuid4().hex[:8]}"
+    published = dsl.Artifact(uri=str(tmp_path / "published"))
+    # The component's own body, as the Vertex task runs it: no key in the environment, only the secrets' names.
+    publish_component.python_func(
+        scored=dsl.Dataset(uri=str(scored_dir)), report_files=dsl.Artifact(uri=str(report_dir)),
+        argilla_url=argilla_server.url, argilla_dataset=name, argilla_workspace="", hub_repo="me/kf-triplets",
+        hub_private=True, export_uri="", run_id="run-7", published=published,
+        argilla_secret_resource="projects/p/secrets/argilla-api-key",
+        hf_secret_resource="projects/p/secrets/hf-token/versions/2")
+    assert fake_secret_manager.requested == ["projects/p/secrets/argilla-api-key/versions/latest",
+                                             "projects/p/secrets/hf-token/versions/2"]
+    assert len(list(argilla_client.datasets(name=name).records)) == 6  # the real server took the key
+    assert tokens == ["hf_from_secret_manager", "hf_from_secret_manager"]  # dataset push and card upload
+    assert published.metadata["argilla_records"] == 6 and published.metadata["hub_published"] is True
+    output = capfd.readouterr()
+    written = output.out + output.err + json.dumps(published.metadata)
+    written += (tmp_path / "published" / "publish.json").read_text()
+    assert argilla_server.api_key not in written and "hf_from_secret_manager" not in written
+
+
 # ------------------------------------------------------------------------------------------------ GCS
 
 

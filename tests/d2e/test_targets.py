@@ -16,19 +16,28 @@ from components.common import (
 )
 from components.load_docs import LoadDocsSettings
 from d2e import targets
-from pipeline import compile_pipeline
 from tests.conftest import PROJECT_ROOT
 
 PIPELINE_STAGES = STAGES
 # Shapes of real credentials: OpenAI keys, Google OAuth tokens and API keys, private keys, bearer headers.
 SECRET_PATTERNS = (r"sk-[A-Za-z0-9_-]{10,}", r"ya29\.", r"AIza[0-9A-Za-z_-]{20,}", r"-----BEGIN", r"Bearer [A-Za-z0-9]")
+# The GPU's (type, count) parameters of each target.
+GPU_PARAMETERS = {"kfp": ("gpu_accelerator_type", "gpu_count"),
+                  "vertex": ("vertex_accelerator_type", "vertex_accelerator_count")}
+# Every credential: (env variable, Kubernetes secret on Kubeflow, Secret Manager parameter on Vertex, tasks reading it).
+# Spelled out, not read from d2e.targets: these names are what the README tells a platform team to create.
+SECRET_PATHS = (
+    ("OPENAI_API_KEY", "openai-api-key", "openai_secret_resource", ("generate-queries",)),
+    ("ARGILLA_API_KEY", "argilla-api-key", "argilla_secret_resource", ("publish",)),
+    ("HF_TOKEN", "hf-token", "hf_secret_resource", ("publish", "evaluate")),
+)
 
 
 @pytest.fixture(scope="module", params=targets.TARGETS)
-def compiled(request, tmp_path_factory):
-    path = compile_pipeline(tmp_path_factory.mktemp(request.param) / "p.yaml", request.param)
-    documents = list(yaml.safe_load_all(path.read_text()))
-    return request.param, path.read_text(), documents[0], (documents[1] if len(documents) > 1 else {})
+def compiled(request, compiled_yaml):
+    text = compiled_yaml(request.param)
+    documents = list(yaml.safe_load_all(text))
+    return request.param, text, documents[0], (documents[1] if len(documents) > 1 else {})
 
 
 def executor(spec, stage):
@@ -47,13 +56,19 @@ def test_gpu_only_on_gpu_stages_in_each_targets_form(compiled):
         accelerator = executor(spec, stage).get("resources", {}).get("accelerator")
         if stage not in GPU_STAGES:
             assert accelerator is None, stage
-        elif target == "vertex":
-            assert accelerator["resourceType"] == targets.VERTEX_ACCELERATOR == "NVIDIA_L4"
-            assert accelerator["resourceCount"] == "1"
-        else:
-            # A pipeline parameter (default nvidia.com/gpu), so a cluster can name its own resource.
-            assert "gpu_accelerator_type" in accelerator["resourceType"]
-            assert "gpu_count" in accelerator["resourceCount"]
+            continue
+        # Pipeline parameters on both targets, so a run picks its GPU: the YAML holds only references to them.
+        kind, count = GPU_PARAMETERS[target]
+        assert accelerator == {"resourceType": f"{{{{$.inputs.parameters['pipelinechannel--{kind}']}}}}",
+                               "resourceCount": f"{{{{$.inputs.parameters['pipelinechannel--{count}']}}}}"}, stage
+        inputs = spec["root"]["dag"]["tasks"][f"{stage.replace('_', '-')}-component"]["inputs"]["parameters"]
+        assert inputs[f"pipelinechannel--{kind}"] == {"componentInputParameter": kind}
+        assert inputs[f"pipelinechannel--{count}"] == {"componentInputParameter": count}
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    kind, count = GPU_PARAMETERS[target]
+    assert parameters[kind] == {"defaultValue": "NVIDIA_L4" if target == "vertex" else "nvidia.com/gpu",
+                                "isOptional": True, "parameterType": "STRING"}
+    assert parameters[count] == {"defaultValue": 1.0, "isOptional": True, "parameterType": "NUMBER_INTEGER"}
     if target == "vertex":
         assert platform == {}, "Vertex must get no kfp-kubernetes platform config"
     else:
@@ -117,10 +132,30 @@ def test_no_secret_value_in_yaml(compiled):
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     # Names that would carry a credential as a parameter (max_new_tokens is a length, not a token).
     assert not [name for name in parameters if re.search(r"api_?key|password|(^|_)token$", name.lower())]
+
+
+def test_every_secret_has_a_path_on_each_target(compiled):
+    """Kubeflow mounts each key from its optional Kubernetes secret into the tasks that read it; on Vertex the
+    same tasks get the Secret Manager name of each key as a parameter (default empty: no key)."""
+    target, _, spec, platform = compiled
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
     if target == "kfp":
-        secret = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-generate-queries-component"]
-        assert secret["secretAsEnv"][0]["secretName"] == targets.OPENAI_SECRET_NAME
-        assert secret["secretAsEnv"][0]["optional"] is True
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        mounted = {(name.removeprefix("exec-").removesuffix("-component"), secret["secretName"],
+                    tuple(sorted(tuple(sorted(pair.items())) for pair in secret["keyToEnv"])), secret["optional"])
+                   for name, executor in executors.items() for secret in executor.get("secretAsEnv", [])}
+        assert mounted == {(task, name, ((("envVar", env), ("secretKey", env)),), True)
+                           for env, name, _, tasks in SECRET_PATHS for task in tasks}
+        assert not [name for name in parameters if name.endswith("_secret_resource")]
+        return
+    assert platform == {}
+    wired = {(task.removesuffix("-component"), name, value.get("componentInputParameter"))
+             for task, body in spec["root"]["dag"]["tasks"].items()
+             for name, value in body.get("inputs", {}).get("parameters", {}).items()
+             if name.endswith("_secret_resource")}
+    assert wired == {(task, parameter, parameter) for _, _, parameter, tasks in SECRET_PATHS for task in tasks}
+    for _, _, parameter, _ in SECRET_PATHS:
+        assert parameters[parameter]["defaultValue"] == ""
 
 
 def test_image_registry_and_version_can_be_overridden_at_compile_time(tmp_path):
@@ -138,23 +173,13 @@ def test_image_registry_and_version_can_be_overridden_at_compile_time(tmp_path):
 # ---- Secret Manager on Vertex -------------------------------------------------------------------------------
 
 
-def test_secret_manager_value_goes_to_env_only(monkeypatch):
-    from google.cloud import secretmanager
-    from google.cloud.secretmanager_v1.types import AccessSecretVersionResponse, SecretPayload
-
-    requested = []
-
-    def fake_access(self, name=None, **kwargs):  # the outermost call: Secret Manager's API
-        requested.append(name)
-        return AccessSecretVersionResponse(name=name, payload=SecretPayload(data=b"value-from-secret-manager\n"))
-
-    monkeypatch.setattr(secretmanager.SecretManagerServiceClient, "__init__", lambda self, *a, **k: None)
-    monkeypatch.setattr(secretmanager.SecretManagerServiceClient, "access_secret_version", fake_access)
-    monkeypatch.delenv("D2E_TEST_KEY", raising=False)
-    assert load_secret_into_env("projects/p/secrets/openai-api-key", "D2E_TEST_KEY") is True
-    assert requested == ["projects/p/secrets/openai-api-key/versions/latest"]
+def test_secret_manager_value_goes_to_env_only(fake_secret_manager, monkeypatch):
     import os
 
+    fake_secret_manager["projects/p/secrets/openai-api-key"] = "value-from-secret-manager"
+    monkeypatch.delenv("D2E_TEST_KEY", raising=False)
+    assert load_secret_into_env("projects/p/secrets/openai-api-key", "D2E_TEST_KEY") is True
+    assert fake_secret_manager.requested == ["projects/p/secrets/openai-api-key/versions/latest"]
     assert os.environ.pop("D2E_TEST_KEY") == "value-from-secret-manager"
     assert load_secret_into_env("", "D2E_TEST_KEY") is False and "D2E_TEST_KEY" not in os.environ
     with pytest.raises(StageError, match="not a Secret Manager name"):
