@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -125,12 +124,13 @@ def test_a_local_run_against_a_closed_port_stops_naming_it_without_a_key(tmp_pat
 
 def test_ctrl_c_is_a_short_message_and_exit_status_130(tmp_path):
     env = {**os.environ, **KEYS, "PYTHONPATH": str(PROJECT_ROOT)}
-    code = ("import sys, time\nfrom d2e import cli\ncli.dispatch = lambda args: time.sleep(60)\n"
-            "print('ready', flush=True)\nsys.exit(cli.main(['compile']))")
+    # The command is replaced by a wait that says when it started, so the signal lands inside it.
+    code = ("import sys, time\nfrom d2e import cli\n"
+            "cli.dispatch = lambda args: (print('ready', flush=True), time.sleep(600))\n"
+            "sys.exit(cli.main(['compile']))")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "ready"
-    time.sleep(0.5)  # inside dispatch
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == EXIT_INTERRUPTED
