@@ -189,11 +189,11 @@ def check_hub_token(hub_model_repo: str) -> None:
 def push_to_hub(folder: str | os.PathLike, repo_id: str) -> str:
     """Upload the model folder to a Hub model repo.
 
-    huggingface_hub reads HF_TOKEN from the environment itself: no variable of ours holds it for a traceback to show.
+    The token goes from the environment straight into the client: no variable of ours holds it for a traceback to show.
     """
     from huggingface_hub import HfApi
 
-    api = HfApi()
+    api = HfApi(token=os.environ.get(HF_TOKEN_ENV))
     api.create_repo(repo_id, repo_type="model", exist_ok=True, private=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                       commit_message="Finetuned by docs-to-embeddings")

@@ -148,8 +148,8 @@ def publish_to_hub(
 ) -> dict[str, Any]:
     """Push DatasetDict(train, test) to `repo_id`, then its dataset card (README.md).
 
-    The token: `token` when given (tests), else HF_TOKEN, which huggingface_hub reads itself where it builds each
-    request, so that no variable of the run holds it for a traceback to show.
+    The token: `token` when given (tests), else HF_TOKEN, passed from the environment straight into each call, so
+    that no variable of the run holds it for a traceback to show.
     """
     from datasets import Dataset, DatasetDict
     from huggingface_hub import HfApi
@@ -164,10 +164,11 @@ def publish_to_hub(
             lambda v: None if v is None else [float(x) for x in v])}), preserve_index=False)
         for split, frame in frames.items()
     })
-    dataset.push_to_hub(repo_id, private=private, token=token or None)
+    dataset.push_to_hub(repo_id, private=private, token=token or os.environ.get(HF_TOKEN_ENV))
     card = dataset_card(repo_id, frames, stats, metrics, run_id)
-    HfApi(token=token or None).upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id,
-                                   repo_type="dataset", commit_message="Dataset card: provenance of this export")
+    HfApi(token=token or os.environ.get(HF_TOKEN_ENV)).upload_file(
+        path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id, repo_type="dataset",
+        commit_message="Dataset card: provenance of this export")
     log.info("Hub: pushed %s to %s (%s)", {s: len(f) for s, f in frames.items()}, repo_id,
              "private" if private else "public")
     return {"repo_id": repo_id, "private": private, "rows": {split: len(frame) for split, frame in frames.items()}}
