@@ -22,18 +22,21 @@ from tests.support.servers import always, free_port
 FAST = GenerationTuning(retry_base_delay=0.05, retry_max_delay=0.2, batch_poll_interval=0.05)
 
 
+def real_chunks(tmp_path_factory, kubeflow_docs, per_split: int):
+    """`per_split` real Kubeflow doc chunks in each split, as load_docs writes them."""
+    folder = tmp_path_factory.mktemp(f"chunks{2 * per_split}")
+    load_docs(str(kubeflow_docs), folder, limit=per_split)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def chunks_20(tmp_path_factory, kubeflow_docs):
-    folder = tmp_path_factory.mktemp("chunks20")
-    load_docs(str(kubeflow_docs), folder, limit=10)
-    return folder
+    return real_chunks(tmp_path_factory, kubeflow_docs, 10)
 
 
 @pytest.fixture(scope="module")
 def chunks_6(tmp_path_factory, kubeflow_docs):
-    folder = tmp_path_factory.mktemp("chunks6")
-    load_docs(str(kubeflow_docs), folder, limit=3)
-    return folder
+    return real_chunks(tmp_path_factory, kubeflow_docs, 3)
 
 
 def settings_for(tmp_path, **overrides) -> GenerationSettings:
