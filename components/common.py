@@ -89,7 +89,8 @@ STAGE_IMAGES: dict[str, str] = {
 }
 # Stages whose image carries a CUDA build of torch and whose task requests a GPU: the "gpu" family.
 GPU_STAGES: frozenset[str] = frozenset(stage for stage, family in STAGE_FAMILY.items() if family == "gpu")
-# Stages that call other services (Hub, object storage, LLM APIs): retried with backoff on transient failures.
+# Stages that call other services (Hub, object storage, LLM APIs). They retry transient faults inside each network
+# call; the task itself is never retried (d2e/targets.py says why).
 NETWORK_STAGES: frozenset[str] = frozenset({"load_docs", "generate_queries", "embed_score", "mine_negatives", "publish",
                                            "evaluate"})
 
@@ -325,9 +326,10 @@ def load_secret_into_env(resource: str, env_name: str) -> bool:
     except ImportError as error:
         raise StageError("Reading a Secret Manager secret needs 'google-cloud-secret-manager' in the image.") from error
     try:
-        response = secretmanager.SecretManagerServiceClient().access_secret_version(name=resource)
+        # Straight into the environment: no variable holds the value for a traceback to show.
+        os.environ[env_name] = secretmanager.SecretManagerServiceClient().access_secret_version(
+            name=resource).payload.data.decode("utf-8").strip()
     except Exception as error:  # the API's own errors say what is wrong (permission, missing secret)
         raise StageError(f"Could not read secret {resource}: {type(error).__name__}: {error}. Give the pipeline's "
                          "service account roles/secretmanager.secretAccessor on it.") from error
-    os.environ[env_name] = response.payload.data.decode("utf-8").strip()
     return True

@@ -180,20 +180,21 @@ def gate(base: dict[str, Any], finetuned: dict[str, Any], intervals: dict[str, d
             "reason": reason}
 
 
-def hub_token(hub_model_repo: str) -> str:
-    """The Hub token from the environment when a Hub push is configured (checked before any work), else ""."""
-    token = os.environ.get(HF_TOKEN_ENV, "") if hub_model_repo else ""
-    if hub_model_repo and not token:
+def check_hub_token(hub_model_repo: str) -> None:
+    """When a Hub push is configured, the Hub token must be in the environment (checked before any work)."""
+    if hub_model_repo and not os.environ.get(HF_TOKEN_ENV):
         raise StageError(f"hub_model_repo={hub_model_repo!r} is set but {HF_TOKEN_ENV} is not in the environment; "
                          "mount the Hub token as a secret.")
-    return token
 
 
-def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str) -> str:
-    """Upload the model folder to a Hub model repo (the token comes from the environment only)."""
+def push_to_hub(folder: str | os.PathLike, repo_id: str) -> str:
+    """Upload the model folder to a Hub model repo.
+
+    The token goes from the environment straight into the client: no variable of ours holds it for a traceback to show.
+    """
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
+    api = HfApi(token=os.environ.get(HF_TOKEN_ENV))
     api.create_repo(repo_id, repo_type="model", exist_ok=True, private=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                       commit_message="Finetuned by docs-to-embeddings")
@@ -246,7 +247,7 @@ def evaluate(
     if not Path(finetuned_model_dir, "config_sentence_transformers.json").exists() and not Path(
             finetuned_model_dir, "modules.json").exists():
         raise StageError(f"{finetuned_model_dir} holds no saved SentenceTransformer model; was finetune run?")
-    token = hub_token(hub_model_repo)
+    check_hub_token(hub_model_repo)
     evaluation = measure(scored_dir, finetuned_model_dir, base_model, batch_size, seed)
     models = evaluation["models"]
     decision = gate(models["base"], models["finetuned"], evaluation["intervals"], min_improvement,
@@ -261,7 +262,7 @@ def evaluate(
             evaluation["exported"]["model_uri"] = export_model(finetuned_model_dir, model_export_uri)
             evaluation["result_model"] = evaluation["exported"]["model_uri"]
         if hub_model_repo:
-            evaluation["exported"]["hub"] = push_to_hub(finetuned_model_dir, hub_model_repo, token)
+            evaluation["exported"]["hub"] = push_to_hub(finetuned_model_dir, hub_model_repo)
         record(evaluation, output_dir)
     log.info("%s\n%s", decision["reason"], format_table(evaluation))
     return evaluation

@@ -8,13 +8,13 @@ Argilla) or to the command (compile target, submission).
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from components.common import StageError
 from components.generate_queries import DEFAULT_EXPECTED_COMPLETION_TOKENS
 from components.settings import SettingError, SettingSpec, check_value, specs
+from components.tracebacks import DEBUG_ENV, debugging
 from d2e import parameters
+from d2e.errors import report_failure
 from d2e.targets import TARGETS
 
 # Hidden aliases: the spelling these flags had before every flag took its setting's name (still accepted).
@@ -27,6 +27,7 @@ OLD_FLAGS = {
 }
 ESTIMATE_GROUPS = ("load_docs", "generate_queries")
 METAVARS = {int: "N", float: "X", str: "TEXT"}
+DEBUG_HELP = "on failure, show the full traceback (never local variables; secrets redacted)"
 
 
 def _shown(value) -> str:
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="pipeline.py", description=pipeline.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(commands.add_parser("run", help="run the pipeline locally with kfp.local"))
     add_estimate_arguments(commands.add_parser(
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     man.add_argument("--output", default=str(GENERATED_MANIFEST))
     add_submit_arguments(commands.add_parser("submit", help="compile and start a run on Vertex AI Pipelines or "
                                                             "Kubeflow"))
+    for command in commands.choices.values():  # also accepted after the command; SUPPRESS keeps the first one's value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -172,10 +176,15 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse and run a command; a problem with the inputs is one `error:` line and exit status 2."""
+    """Parse and run a command; any failure is one `error:` line (the traceback only with --debug).
+
+    Exit status 2: a problem with the inputs (StageError, SettingError); 1: anything else; 130: Ctrl-C.
+    """
     args = build_parser().parse_args(argv)
+    debug = args.debug or debugging()
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # the stages of a local run show their tracebacks too
     try:
         return dispatch(args)
-    except (StageError, SettingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - every failure ends as one line
+        return report_failure(error, args.command, debug)

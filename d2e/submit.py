@@ -3,11 +3,12 @@
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from components.common import StageError
+from components.common import CLUSTER_LLM, StageError
 
 
 def parse_pairs(pairs: list[str], what: str, as_json: bool) -> dict:
@@ -26,11 +27,22 @@ def parse_pairs(pairs: list[str], what: str, as_json: bool) -> dict:
     return values
 
 
+def no_cache_warning(parameters: dict) -> str:
+    """A warning when the run would call a paid LLM API with no LLM cache ("" when there is nothing to say)."""
+    if not str(parameters.get("llm", CLUSTER_LLM)).startswith("openai:") or parameters.get("llm_cache_uri"):
+        return ""
+    return ("WARNING: no LLM cache (--param llm_cache_uri=gs://BUCKET/PREFIX is not set) with an API model: "
+            "generated rows are kept nowhere, so a re-run after any failure pays for every row again.")
+
+
 def submit(args: argparse.Namespace) -> str:
     """Start a run; returns the run's resource name (Vertex) or id (Kubeflow)."""
     from pipeline import PIPELINE_NAME, compile_pipeline
 
     parameters = parse_pairs(args.param, "--param", as_json=True)
+    warning = no_cache_warning(parameters)
+    if warning:
+        print(warning, file=sys.stderr)
     display_name = args.display_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as scratch:
         template = Path(args.template) if args.template else compile_pipeline(

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 
-from components.common import NETWORK_STAGES, StageError, stage_resources
+from components.common import StageError, stage_resources
 from components.publish import ARGILLA_API_KEY_ENV, HF_TOKEN_ENV
 from components.settings import setting
 
@@ -23,8 +23,11 @@ HF_SECRET_NAME = "hf-token"
 # reuses finished rows keyed by chunk and LLM settings, which is finer than KFP's task cache); export writes to
 # output_uri, a side effect that a cache hit would skip. mine_negatives is deterministic (top-k mining, no sampling).
 CACHED_STAGES = frozenset({"embed_score", "mine_negatives", "report"})
-# Network stages retry transient failures (rate limits, 5xx, node pre-emption): 30 s, 60 s, 120 s.
-RETRY = {"num_retries": 3, "backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
+# No task-level retries (`set_retry`): KFP and Vertex retry a failed task whatever made it fail, and cannot tell a
+# StageError (a typo, a missing key, the failure-rate gate: the same on every try) from a transient fault by its exit
+# code. Retrying those re-ran paid generation three times and hid the message behind 3.5 minutes of backoff.
+# Transient faults are retried where they happen, inside the network calls (docs/configuration.md#retries):
+# LLM requests (generate_queries/retries.py), the object store, Argilla and the Hub (their clients' retries).
 # Parameters that exist on one target only (the rest of the signature is shared).
 KFP_ONLY_PARAMETERS = ("gpu_accelerator_type", "gpu_count", "gpu_node_selector", "gpu_tolerations")
 VERTEX_ONLY_PARAMETERS = ("vertex_accelerator_type", "vertex_accelerator_count", "openai_secret_resource",
@@ -90,13 +93,11 @@ def hidden_parameters(target: str) -> tuple[str, ...]:
 
 
 def configure_task(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
-    """Settings every target shares: display name, CPU/memory, retries, caching."""
+    """Settings every target shares: display name, CPU/memory, caching (no retries: see the note above)."""
     task.set_display_name(stage)
     resources = stage_resources(stage)
     task.set_cpu_request(resources["cpu_request"]).set_cpu_limit(resources["cpu_limit"])
     task.set_memory_request(resources["memory_request"]).set_memory_limit(resources["memory_limit"])
-    if stage in NETWORK_STAGES:
-        task.set_retry(**RETRY)
     task.set_caching_options(stage in CACHED_STAGES)
     return task
 

@@ -1,14 +1,17 @@
 """OpenAI's Batch API: one job per round of pending rows, at half the price, with results within 24 h.
 
-Each job's id is stored in the row cache's store before any wait, under a name derived from the request file:
-a re-run (a retried task, a rescheduled pod) builds the same file, finds the stored id and resumes waiting for
-that job instead of paying for a second one.
+Each job gets a client-side id, stored in the row cache's store under a name derived from the request file BEFORE
+the job is created, and sent with it as metadata. Creation is never retried by the SDK (a retry after a lost answer
+would pay for a second job); when its answer is lost, or the process dies right after, the job is looked up by
+that id (`batches.list`). A re-run (a rescheduled pod) builds the same file, finds the stored ids and resumes
+waiting for that job instead of paying for a second one.
 """
 
 import hashlib
 import json
 import logging
 import time
+import uuid
 from typing import Any, Optional
 
 from components.generate_queries.llm import Attempt, RowRequest
@@ -16,6 +19,8 @@ from components.generate_queries.llm import Attempt, RowRequest
 ENDPOINT = "/v1/chat/completions"
 FINAL_STATES = ("completed", "failed", "expired", "cancelled")
 RESUBMIT_STATES = ("failed", "expired", "cancelled", "cancelling")
+CLIENT_ID_KEY = "d2e_client_id"  # the job's metadata key that holds our client-side id
+MAX_LISTED_JOBS = 1000  # how far back (newest first) a lost job is looked for
 
 
 def request_lines(pending: list[RowRequest], model: str, body_settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -44,7 +49,7 @@ class BatchJobs:
 
     def __init__(self, client: Any, model: str, store: Any, cache_uri: str, body_settings: dict[str, Any],
                  poll_interval: float, max_wait: float, logger: logging.Logger):
-        self.client = client  # the few job-management calls use the SDK's own retries (which honour Retry-After)
+        self.client = client  # the SDK's own retries (which honour Retry-After), switched off for creation
         self.model = model
         self.store = store
         self.cache_uri = cache_uri
@@ -72,7 +77,14 @@ class BatchJobs:
         record = json.loads(self.store.get(record_name) or b"null")
         if not record:
             return None
-        batch = self.client.batches.retrieve(record["batch_id"])
+        if record.get("batch_id"):
+            batch = self.client.batches.retrieve(record["batch_id"])
+        else:  # stored before the creation, whose answer never came back: did the job get created?
+            batch = self._find(record["client_id"])
+            if batch is None:
+                self.log.info("no OpenAI batch job carries the stored id %s: submitting it", record["client_id"])
+                return None
+            self._record(record_name, record, batch)
         if batch.status in RESUBMIT_STATES:
             self.log.info("stored OpenAI batch job %s ended as %s: submitting again", batch.id, batch.status)
             return None
@@ -80,14 +92,36 @@ class BatchJobs:
         return batch
 
     def _submit(self, jsonl: bytes, record_name: str, rows: int) -> Any:
+        import openai
+
         upload = self.client.files.create(file=("generate-queries.jsonl", jsonl), purpose="batch")
-        batch = self.client.batches.create(input_file_id=upload.id, endpoint=ENDPOINT, completion_window="24h",
-                                           metadata={"description": "docs-to-embeddings generate_queries"})
-        self.store.put(record_name, json.dumps({"batch_id": batch.id, "input_file_id": upload.id, "rows": rows,
-                                                "submitted": time.time()}).encode())
+        record = {"client_id": uuid.uuid4().hex, "input_file_id": upload.id, "rows": rows, "submitted": time.time()}
+        self.store.put(record_name, json.dumps(record).encode())  # before the job exists: a re-run can look it up
+        try:
+            # No SDK retries: a retried creation after a lost answer would be a second, paid job.
+            batch = self.client.with_options(max_retries=0).batches.create(
+                input_file_id=upload.id, endpoint=ENDPOINT, completion_window="24h",
+                metadata={"description": "docs-to-embeddings generate_queries", CLIENT_ID_KEY: record["client_id"]})
+        except (openai.APIConnectionError, openai.InternalServerError):
+            batch = self._find(record["client_id"])  # created, but the answer was lost?
+            if batch is None:
+                raise  # not created: this run's rows fail; a re-run looks for it once more, then submits
+        self._record(record_name, record, batch)
         self.log.info("submitted OpenAI batch job %s for %d rows (job id stored at %s/%s)", batch.id, rows,
                       self.cache_uri, record_name)
         return batch
+
+    def _record(self, record_name: str, record: dict[str, Any], batch: Any) -> None:
+        self.store.put(record_name, json.dumps({**record, "batch_id": batch.id}).encode())
+
+    def _find(self, client_id: str) -> Optional[Any]:
+        """The job created with this client-side id, among the most recent ones, or None."""
+        for number, batch in enumerate(self.client.batches.list(limit=100)):
+            if number >= MAX_LISTED_JOBS:
+                break
+            if (batch.metadata or {}).get(CLIENT_ID_KEY) == client_id:
+                return batch
+        return None
 
     def _wait(self, batch: Any) -> Any:
         started = time.monotonic()

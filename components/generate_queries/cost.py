@@ -109,15 +109,16 @@ def _estimate_task(spec: LLMSpec, settings: GenerationSettings):
 
     from components.generate_queries.task import make_task
 
-    saved_key = os.environ.get("OPENAI_API_KEY")
-    if spec.provider == "openai" and not saved_key:
+    # Whether a key is set, never the key itself: a traceback must have no local variable that holds it.
+    borrowed = spec.provider == "openai" and not os.environ.get("OPENAI_API_KEY")
+    if borrowed:
         os.environ["OPENAI_API_KEY"] = ESTIMATE_ONLY_KEY
     try:
         with tempfile.TemporaryDirectory(prefix="distilabel-") as work_dir:
             with Pipeline(name="generate-queries-estimate", cache_dir=work_dir):
                 task = make_task(spec, settings, input_batch_size=1)
     finally:
-        if saved_key is None:
+        if borrowed:
             os.environ.pop("OPENAI_API_KEY", None)
     task.load()
     return task

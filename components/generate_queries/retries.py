@@ -55,11 +55,13 @@ def describe_error(error: BaseException) -> str:
 
 
 def request_retrying(max_retries: int, base: float, cap: float,
-                     on_retry: Callable[[BaseException, int, float], None]) -> AsyncRetrying:
+                     on_retry: Callable[[BaseException, int, float], None],
+                     give_up: Callable[[], bool] = lambda: False) -> AsyncRetrying:
     """A fresh tenacity policy for one request: at most `max_retries` retries, each after `retry_delay`.
 
-    `on_retry(error, retry_number, seconds)` runs before each wait. Give every request its own policy object:
-    tenacity keeps the attempt count on it, and that count is the row's retry count.
+    `on_retry(error, retry_number, seconds)` runs before each wait; once `give_up()` is true nothing is retried.
+    Give every request its own policy object: tenacity keeps the attempt count on it, and that count is the row's
+    retry count.
     """
 
     def wait(state: RetryCallState) -> float:
@@ -69,7 +71,7 @@ def request_retrying(max_retries: int, base: float, cap: float,
         on_retry(state.outcome.exception(), state.attempt_number, state.next_action.sleep)
 
     return AsyncRetrying(
-        retry=retry_if_exception(lambda error: retry_delay(error, 0, base, cap) is not None),
+        retry=retry_if_exception(lambda error: not give_up() and retry_delay(error, 0, base, cap) is not None),
         wait=wait,
         stop=stop_after_attempt(max_retries + 1),
         before_sleep=before_sleep,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from components.common import StageError, get_logger, read_splits, write_json, write_splits
+from components.generate_queries.breaker import raise_if_unreachable
 from components.generate_queries.cost import estimated_cost, parse_prices, price_fields, price_table, run_price
 from components.generate_queries.llm import LLMSpec, build_llm, parse_llm_spec, response_format_for
 from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, parse_styles, query_rows
@@ -26,6 +27,8 @@ COUNTED_COLUMNS = {"llm_requests": "generation_requests", "llm_retries": "llm_re
 STATUSES = ("generated", "cached", "failed")
 # Settings that stats.json leaves out: a URL may carry credentials, and the cache location is reported as on/off.
 UNREPORTED_SETTINGS = ("llm_base_url", "llm_cache_uri", "llm_prices")
+NO_CACHE_WARNING = ("WARNING: no LLM cache (llm_cache_uri is empty): finished rows are kept nowhere, so a re-run "
+                    "after any failure pays for every row again. Set llm_cache_uri=gs://BUCKET/PREFIX.")
 
 
 def generate_queries(input_dir: str | os.PathLike, output_dir: str | os.PathLike, settings: GenerationSettings,
@@ -43,6 +46,8 @@ def generate_queries(input_dir: str | os.PathLike, output_dir: str | os.PathLike
                for split, frame in frames.items() for position, row in enumerate(frame.to_dict("records"))]
     log.info("generating queries for %d chunks with %s (cache: %s)", len(records), spec.label,
              settings.llm_cache_uri or "off")
+    if spec.provider == "openai" and not settings.llm_cache_uri:
+        log.warning(NO_CACHE_WARNING)
     results = _run_distilabel(records, spec, settings, tuning) if records else []
     by_key = {(row["_split"], row["_position"]): row for row in results}
     out_frames = {}
@@ -57,6 +62,7 @@ def generate_queries(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     write_splits(out_frames, output_dir)
     write_json(Path(output_dir) / "stats.json", stats)
     _log_result(stats)
+    raise_if_unreachable(stats, output_dir)
     _check_failure_rate(stats, settings.max_failure_rate, output_dir)
     return stats
 

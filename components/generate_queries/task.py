@@ -18,6 +18,7 @@ from pydantic import PrivateAttr
 
 from components.common import ANCHOR, NEGATIVE, POSITIVE, get_logger
 from components.generate_queries.batch_api import BatchJobs
+from components.generate_queries.breaker import ConnectionBreaker, is_connect_failure
 from components.generate_queries.cache import open_cache, row_cache_key
 from components.generate_queries.llm import (
     Attempt,
@@ -41,6 +42,9 @@ from components.generate_queries.status import (
 )
 from components.generate_queries.validation import parse_generation, restates_instructions, validate_pair
 from components.progress import ProgressReporter
+from components.tracebacks import plain_tracebacks
+
+plain_tracebacks()  # importing distilabel installed rich tracebacks that print every local variable (keys too)
 
 # At most this many cache look-ups at once: against object storage each is a round trip.
 CACHE_LOOKUP_THREADS = 16
@@ -82,6 +86,7 @@ class QueryTripletTask(GenerateSentencePair):
     _loop: Any = PrivateAttr(default=None)
     _done: int = PrivateAttr(default=0)
     _progress: Any = PrivateAttr(default=None)
+    _breaker: Any = PrivateAttr(default=None)
 
     def load(self) -> None:
         """Load the LLM, open the row cache and work out the output constraint and the instruction words."""
@@ -96,6 +101,7 @@ class QueryTripletTask(GenerateSentencePair):
         # Plain lines in the stage's log; in a local run also the live bar's events (components/progress.py).
         self._progress = ProgressReporter("generate_queries", self.total_rows, logger=get_logger("generate_queries"),
                                           tokens=True, failures=True)
+        self._breaker = ConnectionBreaker(str(getattr(self.llm, "base_url", "") or ""))
         if isinstance(self.llm, OpenAILLM):
             # The pydantic field takes whole seconds; the client takes any float.
             self.llm._aclient = self.llm._aclient.with_options(timeout=self.settings.llm_request_timeout)  # noqa: SLF001
@@ -209,15 +215,25 @@ class QueryTripletTask(GenerateSentencePair):
             return Attempt.from_output(output)
         retries = 0
         policy = request_retrying(self.settings.llm_max_retries, self.tuning.retry_base_delay,
-                                  self.tuning.retry_max_delay, self._log_retry)
+                                  self.tuning.retry_max_delay, self._log_retry, give_up=lambda: self._breaker.open)
         try:
             async for attempt in policy:
                 with attempt:
                     retries = attempt.retry_state.attempt_number - 1
-                    output = await self.llm.agenerate(input=messages, num_generations=1, **kwargs)
+                    output = await self._counted(self.llm.agenerate(input=messages, num_generations=1, **kwargs))
         except Exception as error:  # noqa: BLE001 - classified by retry_delay; recorded on the row
             return Attempt(error=describe_error(error), retries=retries)
         return Attempt.from_output(output, retries)
+
+    async def _counted(self, request: Any) -> Any:
+        """Await a request, telling the connection breaker whether it reached the server."""
+        try:
+            output = await request
+        except Exception as error:
+            self._breaker.record(error)
+            raise
+        self._breaker.record(None)
+        return output
 
     def _log_retry(self, error: BaseException, retry: int, seconds: float) -> None:
         self._logger.info("request failed (%s); retry %d/%d in %.1f s", describe_error(error), retry,
@@ -251,6 +267,9 @@ class QueryTripletTask(GenerateSentencePair):
     async def _attempt_row(self, request: RowRequest, slots: asyncio.Semaphore) -> None:
         fallback = None  # a valid pair that only carries a review flag
         for number in range(1, self.tuning.max_attempts + 1):
+            if self._breaker.open:  # the endpoint is unreachable: no row sends anything more in this run
+                record_failure(request.row, self._breaker.reason)
+                break
             messages = request.messages if number == 1 else self.format_input(request.row, number)
             async with slots:
                 attempt = await self._request(messages, _style(request.row), number)
@@ -280,10 +299,21 @@ class QueryTripletTask(GenerateSentencePair):
         # One body for the whole job: OpenAI's strict schema is the same for every style.
         if self._output_formats.get(DEFAULT_STYLE) is not None:
             body["response_format"] = self._output_formats[DEFAULT_STYLE]
-        # The few job-management calls use the SDK's own retries (which honour Retry-After).
+        # The job-management calls use the SDK's own retries (which honour Retry-After); creation never does.
         client = self.llm._client.with_options(max_retries=self.settings.llm_max_retries)  # noqa: SLF001
         return BatchJobs(client, self.llm.model, self._cache.store, self.settings.llm_cache_uri, body,
                          self.tuning.batch_poll_interval, self.settings.llm_batch_max_wait, self._logger)
+
+    def _run_jobs(self, jobs: BatchJobs, pending: list[RowRequest]) -> list[Attempt]:
+        """One job's Attempts; once the API could not be reached (after the SDK's own retries), none for the run."""
+        if not self._breaker.open:
+            try:
+                return jobs.run(pending)
+            except Exception as error:
+                if not is_connect_failure(error):
+                    raise
+                self._breaker.trip()
+        return [Attempt(error=self._breaker.reason, job_unfinished=True)] * len(pending)
 
     def _generate_rows_batch_api(self, pending: list[RowRequest]) -> None:
         jobs = self._batch_jobs()
@@ -292,7 +322,7 @@ class QueryTripletTask(GenerateSentencePair):
             if not pending:
                 break
             retry = []
-            for request, attempt in zip(pending, jobs.run(pending)):
+            for request, attempt in zip(pending, self._run_jobs(jobs, pending)):
                 judgement = self._judge(request.row, number, attempt)
                 if judgement.final:
                     self._finish(request, judgement.pair)

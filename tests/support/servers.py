@@ -108,6 +108,8 @@ class FaultyOpenAIServer:
         self.batches: dict[str, dict] = {}
         self.batch_calls: Counter = Counter()
         self.batches_finish = True  # False: every job stays in_progress (a job that outlives the pod)
+        self.drop_batch_create_answers = 0  # this many batches.create calls create the job, then drop the answer
+        self.on_batch_create: Optional[Callable[[], None]] = None  # runs as a batches.create request arrives
         self._lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
 
@@ -139,6 +141,11 @@ class FaultyOpenAIServer:
             def do_GET(self):
                 with owner._lock:
                     owner.authorizations.add(self.headers.get("Authorization", ""))
+                if self.path.split("?")[0] == "/v1/batches":
+                    owner.batch_calls["batches.list"] += 1
+                    jobs = [owner._batch_status(batch_id) for batch_id in reversed(list(owner.batches))]
+                    return self._send(200, json.dumps({"object": "list", "data": jobs, "has_more": False,
+                                                       "first_id": None, "last_id": None}).encode())
                 match = re.fullmatch(r"/v1/batches/(\w+)", self.path)
                 if match:
                     owner.batch_calls["batches.retrieve"] += 1
@@ -163,9 +170,17 @@ class FaultyOpenAIServer:
                                                        "purpose": "batch", "status": "processed"}).encode())
                 if self.path == "/v1/batches":
                     owner.batch_calls["batches.create"] += 1
+                    if owner.on_batch_create is not None:
+                        owner.on_batch_create()
                     request = json.loads(raw)
                     batch_id = f"batch{len(owner.batches)}"
-                    owner.batches[batch_id] = {"input_file_id": request["input_file_id"], "output_file_id": None}
+                    owner.batches[batch_id] = {"input_file_id": request["input_file_id"], "output_file_id": None,
+                                               "metadata": request.get("metadata")}
+                    if owner.drop_batch_create_answers > 0:  # created, but the client never hears of it
+                        owner.drop_batch_create_answers -= 1
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return None
                     return self._send(200, json.dumps(owner._batch_status(batch_id)).encode())
                 body = json.loads(raw or b"{}")
                 anchor = anchor_of(body)
@@ -254,7 +269,7 @@ class FaultyOpenAIServer:
         return {"id": batch_id, "object": "batch", "endpoint": "/v1/chat/completions", "errors": None,
                 "input_file_id": job["input_file_id"], "completion_window": "24h",
                 "status": "completed" if done else "in_progress", "output_file_id": job["output_file_id"],
-                "error_file_id": None, "created_at": int(time.time()),
+                "error_file_id": None, "created_at": int(time.time()), "metadata": job.get("metadata"),
                 "request_counts": {"total": 0, "completed": 0, "failed": 0}}
 
     def stop(self) -> None:
