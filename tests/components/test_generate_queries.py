@@ -19,6 +19,7 @@ from components.generate_queries import (
     restates_instructions,
     validate_pair,
 )
+from components.generate_queries.prompts import output_schema, styles
 from components.load_docs import load_docs
 from components.settings import build
 
@@ -135,3 +136,17 @@ def test_failing_rows_are_kept_counted_and_the_threshold_stops_the_run(tmp_path,
     assert set(train["generation_status"]) == {"failed"}
     assert (train["generation_attempts"] == 2).all() and train["generation_error"].notna().all()
     assert not list((tmp_path / "cache").rglob("*.json"))  # failures are never cached
+
+
+@pytest.mark.parametrize("style", sorted(styles()))
+def test_every_styles_reply_schema_compiles_to_a_llama_cpp_grammar(style):
+    # llama.cpp parses the grammar only when it builds the sampler; an escape its parser lacks (it once was `\.` in
+    # the statement pattern) made the embedded model's worker die and the run hang instead of failing.
+    import llama_cpp
+    from llama_cpp import Llama, LlamaGrammar
+
+    model = Llama(model_path=str(embedded_gguf_path()), vocab_only=True, verbose=False)
+    grammar = LlamaGrammar.from_json_schema(json.dumps(output_schema(style)), verbose=False)
+    sampler = llama_cpp.llama_sampler_init_grammar(model._model.vocab, grammar._grammar.encode(), b"root")  # noqa: SLF001
+    assert sampler, f"llama.cpp cannot parse the grammar of the {style!r} style's reply schema"
+    llama_cpp.llama_sampler_free(sampler)
