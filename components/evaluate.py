@@ -52,8 +52,9 @@ from components.evaluate_stats import (
     mean_metrics,
     per_query_by_dimension,
 )
+from components.model_export import export_model
 from components.settings import setting
-from components.storage import export_model, write_results
+from components.storage import write_results
 
 log = get_logger("evaluate")
 

@@ -7,9 +7,9 @@
   (the server answers 412 if the object exists). Either way the first writer wins, atomically.
 - `export_files` writes a set of files, then a manifest (run id, time, sha256 and size of each file) LAST, so a
   reader that finds the manifest finds a complete export.
-- Where each export goes, and which writes are create-only, is one rule: `export_targets` and the three
-  writers at the end of this module (`write_results`, `publish_files`, `export_model`), described in
-  docs/configuration.md#where-exports-go.
+- Where each export goes, and which writes are create-only, is one rule: `export_targets`, the two writers at
+  the end of this module (`write_results`, `publish_files`) and components.model_export (the model, by
+  create-then-swap), described in docs/configuration.md#where-exports-go.
 
 Credentials on GCS are the pod's (Workload Identity / application default credentials); with
 STORAGE_EMULATOR_HOST set (tests, fake-gcs-server) anonymous credentials are used.
@@ -32,8 +32,6 @@ from components.common import MANIFEST_NAME, MODEL_FOLDER, StageError, get_logge
 
 log = get_logger("storage")
 
-# Every saved SentenceTransformer folder has it: what marks a folder as a model export we may replace.
-MODEL_MARKER = "modules.json"
 CONTENT_TYPES = {".parquet": "application/vnd.apache.parquet", ".html": "text/html", ".md": "text/markdown",
                  ".png": "image/png", ".json": "application/json"}
 
@@ -361,20 +359,3 @@ def publish_files(files: Mapping[str, str | os.PathLike], export_uri: str, run_i
     if not run_id:
         raise StageError("Export to object storage needs a run id (the pipeline passes its job id).")
     return export_files(files, export_uri, run_id=run_id, create_only=True, extra=extra, client=client)
-
-
-def export_model(folder: str | os.PathLike, target: str) -> str:
-    """The winning model: a previous model export at `target` is replaced whole, so no stale file survives.
-
-    A target that holds other files (no `modules.json`) is refused: it is not ours to delete. Returns where the
-    model went (locally, the absolute folder).
-    """
-    store = open_store(target)
-    existing = store.list()
-    if existing:
-        if MODEL_MARKER not in existing:
-            raise StageError(f"{store.uri} exists and is not a saved model folder (no {MODEL_MARKER}); refusing to "
-                             "replace it. Pass an empty or new folder as model_export_uri.")
-        store.delete_all()
-    export_files(folder_files(folder), store.uri, create_only=True)
-    return store.uri

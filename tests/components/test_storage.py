@@ -1,5 +1,5 @@
 """components.storage on a local folder and on a real fake-gcs-server: create-only writes, checksums, the manifest
-written last, identical re-runs, conflicts, the model export and the rule for where exports go."""
+written last, identical re-runs, conflicts and the rule for where exports go."""
 
 import hashlib
 import json
@@ -14,7 +14,6 @@ from components.storage import (
     GCSStore,
     LocalStore,
     export_files,
-    export_model,
     export_targets,
     open_file,
     open_store,
@@ -147,33 +146,6 @@ def test_results_are_replaced_on_every_run(target, files):
     assert json.loads(store.get("export.json")) == second and second["rows"] == {"train": 4}
     assert second["objects"]["report.md"] != first["objects"]["report.md"]
     assert second["objects"]["train.parquet"] == first["objects"]["train.parquet"]
-
-
-def test_the_model_export_replaces_an_old_model_but_never_other_files(target, tmp_path):
-    model = tmp_path / "model"
-    (model / "1_Pooling").mkdir(parents=True)
-    (model / "modules.json").write_text("[]")
-    (model / "1_Pooling" / "config.json").write_text("{}")
-    store = open_store(target)
-    store.put("modules.json", b"old")
-    store.put("stale.bin", b"stale")
-    assert export_model(model, target) == store.uri
-    assert store.list() == ["1_Pooling/config.json", MANIFEST_NAME, "modules.json"]  # nothing stale survives
-    assert store.get("modules.json") == b"[]"
-
-    other = open_store(f"{target}-mine")
-    other.put("notes.txt", b"keep me")
-    with pytest.raises(StageError, match="not a saved model folder"):
-        export_model(model, other.uri)
-    assert other.list() == ["notes.txt"]
-
-
-def test_local_model_export_returns_the_absolute_folder(tmp_path, monkeypatch):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "modules.json").write_text("[]")
-    monkeypatch.chdir(tmp_path)
-    assert export_model(model, "exported") == str((tmp_path / "exported").resolve())
 
 
 def test_where_exports_go():

@@ -41,14 +41,6 @@ def test_the_lenient_failure_rate_is_for_the_embedded_model_only(tmp_path):
     assert local_values(*given, tmp_path, False)["max_failure_rate"] == 0.3
 
 
-def test_a_previous_runs_model_is_removed_unless_the_export_goes_elsewhere(tmp_path):
-    (tmp_path / "model").mkdir()
-    local_values(*settings_of("--model-export-uri", str(tmp_path / "elsewhere")), tmp_path, False)
-    assert (tmp_path / "model").is_dir()
-    local_values(*settings_of(), tmp_path, False)
-    assert not (tmp_path / "model").exists()
-
-
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "pipeline.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
                           timeout=900, env={**os.environ, **(env or {})})
@@ -144,17 +136,23 @@ def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
 
 
 @pytest.mark.slow
-def test_local_run_with_bad_input_stops_with_the_reason(tmp_path):
+def test_local_run_with_bad_input_stops_with_the_reason_and_keeps_the_previous_results(tmp_path):
+    from tests.d2e.test_outputs import previous_run, snapshot
+
     folder = tmp_path / "bad"
     folder.mkdir()
     pd.DataFrame({"text": ["a chunk"]}).to_parquet(folder / "train.parquet")
-    result = run_cli("run", "--dataset", str(folder), "--output-dir", str(tmp_path / "out"), "--no-llm-cache",
-                     "--no-argilla")
+    out = tmp_path / "out"
+    before = previous_run(out, tmp_path)  # results, our model with the user's file in it, the user's notes
+    result = run_cli("run", "--dataset", str(folder), "--output-dir", str(out), "--no-llm-cache", "--no-argilla")
     assert result.returncode == 1
     # The failing stage's last lines reach the terminal, with the log's path; the kfp dumps stay in the log.
     assert "[1/9] load_docs FAILED after " in result.stderr
     assert "has no text column 'page_content'. Columns found: ['text']" in result.stderr
-    assert f"The whole log: {tmp_path / 'out' / 'run.log'}" in result.stderr
+    assert f"The whole log: {out / 'run.log'}" in result.stderr
     assert "The pipeline stopped" in result.stderr
+    assert f"The previous results in {out} were left as they were." in result.stderr
     assert "Got executor_input" not in result.stdout + result.stderr
-    assert "Got executor_input" in (tmp_path / "out" / "run.log").read_text()
+    assert "Got executor_input" in (out / "run.log").read_text()
+    # Byte for byte, but for kfp.local's working folder .kfp and run.log, which is always the latest run's log.
+    assert {name: digest for name, digest in snapshot(out).items() if name != "run.log"} == before
