@@ -53,13 +53,14 @@ def test_vertex_submit_builds_the_job_and_replaces_only_the_api_call(service_acc
     values = {key: value for key, value in request.runtime_config.parameter_values.items()}
     assert values["limit"] == 5 and values["dataset"] == "gs://bucket/chunks"
     assert values["openai_secret_resource"].endswith("/secrets/openai-api-key/versions/latest")
-    # The template is the Vertex compile: L4 on embed_score, every stage's image.
+    # The template is the Vertex compile: the GPU parameters on embed_score (L4 by default), every stage's image.
     from google.protobuf import json_format
 
     template = json_format.MessageToDict(request._pb.pipeline_spec)
     executors = template["deploymentSpec"]["executors"]
     resources = executors["exec-embed-score-component"]["container"]["resources"]
-    assert resources["accelerator"]["resourceType"] == "NVIDIA_L4"
+    assert "vertex_accelerator_type" in resources["accelerator"]["resourceType"]
+    assert values.get("vertex_accelerator_type", "NVIDIA_L4") == "NVIDIA_L4"
     assert {e["container"]["image"] for e in executors.values()} == {STAGE_IMAGES[s] for s in STAGES}
     assert template["pipelineInfo"]["name"] == PIPELINE_NAME
     assert "projects/test-project/pipelineJobs/x" in capsys.readouterr().out
