@@ -71,7 +71,8 @@ class TargetSettings:
     # against the machine types of your region (https://cloud.google.com/vertex-ai/docs/pipelines/machine-types).
     vertex_accelerator_type: str = setting(VERTEX_ACCELERATOR, "Vertex AI accelerator of the GPU tasks, e.g. "
                                            "NVIDIA_L4, NVIDIA_TESLA_T4, NVIDIA_A100_80GB (Vertex only)", cli=False)
-    vertex_accelerator_count: int = setting(1, "accelerators per GPU task (Vertex only)", minimum=1, cli=False)
+    vertex_accelerator_count: int = setting(1, "accelerators per GPU task (Vertex only)", minimum=1, maximum=16,
+                                            cli=False)
     openai_secret_resource: str = setting("", "Secret Manager name of the OpenAI key, projects/P/secrets/NAME "
                                           "(Vertex only; Kubeflow mounts the Kubernetes secret instead)", cli=False)
     argilla_secret_resource: str = setting("", "Secret Manager name of the Argilla API key, projects/P/secrets/NAME "

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from components.common import StageError
@@ -100,12 +101,16 @@ def test_submitting_an_api_model_without_an_llm_cache_warns_first(tmp_path):
 
 @pytest.mark.slow
 def test_a_local_run_with_a_bad_source_stops_in_seconds_with_the_reason_and_no_traceback(tmp_path):
-    result = run_cli("run", "--dataset", str(tmp_path / "no-such-folder"), "--output-dir", str(tmp_path / "out"),
+    # A folder that exists passes the pre-flight check; the stage itself finds it has no text column.
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    pd.DataFrame({"text": ["a chunk"], "split": ["train"]}).to_parquet(folder / "train.parquet")
+    result = run_cli("run", "--dataset", str(folder), "--output-dir", str(tmp_path / "out"),
                      "--no-argilla", tmp_path=tmp_path)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert_no_key(result)
-    assert "StageError: Dataset source" in output and "does not exist" in output
+    assert "StageError" in output and "has no text column 'page_content'" in output
     assert TRACEBACK not in output  # the stage process shows a StageError as its message alone
     assert "retry" not in output.lower()  # no task-level retries: a StageError is the same on every try
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -79,8 +80,14 @@ def check_console(result, output_dir):
     assert f"Log of every stage: {output_dir / 'run.log'} (--verbose shows it live)" in err
     stages = ("load_docs", "generate_queries", "embed_score", "mine_negatives", "report", "export", "publish",
               "finetune", "evaluate")
-    for number, stage in enumerate(stages, 1):  # kfp.local runs the tasks in this order
-        assert f"[{number}/9] {stage} started" in err and f"[{number}/9] {stage} done in " in err
+    numbers = {}
+    for stage in stages:  # each stage starts and ends once; kfp.local picks the order among independent tasks
+        started = re.search(rf"\[(\d)/9\] {stage} started", err)
+        assert started and f"[{started[1]}/9] {stage} done in " in err, stage
+        numbers[stage] = int(started[1])
+    assert sorted(numbers.values()) == list(range(1, 10))
+    assert numbers["load_docs"] == 1 and numbers["generate_queries"] == 2
+    assert numbers["embed_score"] < numbers["mine_negatives"] < numbers["finetune"] < numbers["evaluate"]
     assert "[1/9] load_docs done in " in err and " s: 5 rows in, 5 rows out" in err
     assert "[2/9] generate_queries started (5 rows in)" in err
     assert "      generate_queries: 5/5 rows (100%), " in err and " tokens, " in err
