@@ -17,6 +17,7 @@ import platform
 import re
 import sys
 import time
+import traceback
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -105,7 +106,11 @@ def run(names: list[str], quick: bool, output: Optional[Path]) -> dict[str, list
     for name in names or list(benchmarks):
         print(f"\n== {name}", flush=True)
         started = time.perf_counter()
-        rows = benchmarks[name](quick)
+        try:
+            rows = benchmarks[name](quick)
+        except Exception as error:  # noqa: BLE001 - one broken benchmark must not lose the others' figures
+            traceback.print_exc()
+            rows = [Row(f"{name} failed", float("nan"), None, "-", note=f"{type(error).__name__}: {error}"[:300])]
         seconds = time.perf_counter() - started
         print(table(rows), flush=True)
         results[name] = rows
