@@ -42,7 +42,7 @@ def scored_table(frame):
     values = np.random.default_rng(0).random(rows * VECTOR_DIMENSION)
     offsets = np.arange(0, rows * VECTOR_DIMENSION + 1, VECTOR_DIMENSION, dtype=np.int32)
     negatives = [[distinct[(position[text] + j) % len(distinct)] for j in (1, 2, 3)] for text in anchors]
-    return pa.table({**{name: pa.array(frame[name].tolist()) for name in ("anchor", "positive", "negative",
+    return pa.table({**{name: pa.array(frame[name], from_pandas=True) for name in ("anchor", "positive", "negative",
                                                                           "generation_status")},
                      "filter_status": pa.array(["kept"] * rows), "hard_negatives": pa.array(negatives),
                      "anchor-vector": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
