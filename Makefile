@@ -100,6 +100,12 @@ image-test-deps:
 quality: $(STAMP)
 	$(PY) -m benchmarks.quality run $(ARGS)
 
+# The speed benchmarks (docs/benchmarks.md): each figure beside its baseline measured in the same run.
+# ARGS="--only embed_score_cpu" runs one; ARGS="--quick" checks the code on tiny sizes and writes nothing.
+.PHONY: bench
+bench: $(STAMP)
+	nice -n 10 $(PY) -m benchmarks.bench $(ARGS)
+
 clean:
 	rm -rf outputs local_outputs .pytest_cache
 

@@ -1,7 +1,8 @@
 """The embed_score stage: embed anchor, positive and negative once each and score the triplets.
 
-The model is loaded once; every distinct text is encoded once (anchors are not encoded twice), with
-normalised embeddings, so cosine similarity is a dot product. CUDA in half precision when present.
+The model is loaded once; the splits are read and written `stream_rows` rows at a time, so memory does not grow
+with the data; within a batch every distinct text is encoded once (a chunk's anchor once for all its queries), with
+normalised embeddings, so cosine similarity is a row-wise dot product. CUDA in half precision when present.
 """
 
 import os
@@ -21,15 +22,17 @@ from components.common import (
     SIM_ANCHOR_NEG,
     SIM_ANCHOR_POS,
     SIM_POS_NEG,
+    SPLITS,
+    StageError,
     get_logger,
     is_text,
     load_model,
-    read_splits,
     resolve_embedding_model,
+    split_path,
     stage_component,
     write_json,
-    write_splits,
 )
+from components.parquet_stream import STREAM_ROWS, FrameWriter, input_schema, iter_frames
 from components.progress import ProgressReporter
 from components.settings import setting
 
@@ -85,13 +88,73 @@ def score_frame(frame, index: dict[str, int], vectors, model) -> Any:
     frame[SIM_POS_NEG] = similarity(positives, negatives)
     frame[SIM_ANCHOR_POS] = similarity(anchors, positives)
     frame[SIM_ANCHOR_NEG] = similarity(anchors, negatives)
-    frame[ANCHOR_VECTOR] = [vectors[i].tolist() for i in anchors]
-    anchor_texts = list(frame[ANCHOR])
+    frame[ANCHOR_VECTOR] = [vectors[i].tolist() if i >= 0 else None for i in anchors]
+    anchor_texts = [text if isinstance(text, str) else "" for text in frame[ANCHOR]]
     encoded = model.tokenizer(anchor_texts, add_special_tokens=True)["input_ids"] if len(frame) else []
     counts = [len(ids) for ids in encoded]
     frame["token_count"] = np.array(counts, dtype=np.int64)
     frame["exceeds_model_window"] = frame["token_count"] > model.max_seq_length
     return frame
+
+
+def output_schema(source_schema):
+    """The scored split's arrow schema: the input's columns, then the added ones, each with a fixed type, so every
+    batch is written alike (a batch whose negatives are all missing must not make the column untyped)."""
+    import pyarrow as pa
+
+    added = {SIM_POS_NEG: pa.float64(), SIM_ANCHOR_POS: pa.float64(), SIM_ANCHOR_NEG: pa.float64(),
+             ANCHOR_VECTOR: pa.list_(pa.float64()), "token_count": pa.int64(), "exceeds_model_window": pa.bool_(),
+             "embedding_model": pa.large_string()}
+    fields = [pa.field(field.name, added.get(field.name, field.type)) for field in source_schema]
+    fields += [pa.field(name, kind) for name, kind in added.items() if name not in source_schema.names]
+    return pa.schema(fields)
+
+
+class SplitStats:
+    """Counts and sums of one split, added up batch by batch, for stats.json."""
+
+    def __init__(self):
+        self.rows = self.exceeds = self.closer = self.both = 0
+        self.sums = dict.fromkeys((SIM_POS_NEG, SIM_ANCHOR_POS, SIM_ANCHOR_NEG), 0.0)
+        self.counts = dict.fromkeys(self.sums, 0)
+
+    def add(self, frame) -> None:
+        """Add a scored batch."""
+        self.rows += len(frame)
+        self.exceeds += int(frame["exceeds_model_window"].sum())
+        for column in self.sums:
+            values = frame[column].dropna()
+            self.sums[column] += float(values.sum())
+            self.counts[column] += len(values)
+        both = frame[[SIM_ANCHOR_POS, SIM_ANCHOR_NEG]].dropna()
+        self.both += len(both)
+        self.closer += int((both[SIM_ANCHOR_POS] > both[SIM_ANCHOR_NEG]).sum())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The split's entry in stats.json."""
+        result: dict[str, Any] = {"rows": self.rows, "exceeds_model_window": self.exceeds}
+        for column, total in self.sums.items():
+            count = self.counts[column]
+            result[column] = {"mean": total / count if count else None, "count": count}
+        if self.rows:
+            result["positive_closer_than_negative"] = self.closer / self.both if self.both else None
+        return result
+
+
+def score_split(model, source: Path, target: Path, model_label: str, batch_size: int,
+                stream_rows: int) -> tuple[dict[str, Any], int]:
+    """Score one split's file `stream_rows` rows at a time; (its stats, texts encoded)."""
+    stats, encoded = SplitStats(), 0
+    with FrameWriter(target, output_schema(input_schema(source))) as writer:
+        for frame in iter_frames(source, stream_rows):
+            texts = [text for column in (ANCHOR, POSITIVE, NEGATIVE) for text in frame[column] if is_text(text)]
+            index, vectors = embed_texts(model, texts, batch_size)
+            scored = score_frame(frame, index, vectors, model)
+            scored["embedding_model"] = model_label
+            writer.write(scored)
+            stats.add(scored)
+            encoded += len(index)
+    return stats.as_dict(), encoded
 
 
 def embed_score(
@@ -100,43 +163,35 @@ def embed_score(
     embedding_model: str,
     device: str = "auto",
     batch_size: int = 64,
+    stream_rows: int = STREAM_ROWS,
 ) -> dict[str, Any]:
-    """Embed and score both splits; write them and stats.json."""
-    import numpy as np
+    """Embed and score both splits, `stream_rows` rows at a time (memory stays bounded); write them and stats.json.
 
-    frames = read_splits(input_dir)
+    Each batch encodes its distinct texts once: a chunk's rows are adjacent in generate_queries' output, so its
+    anchor is encoded once unless a batch boundary falls between them.
+    """
+    sources = {split: split_path(input_dir, split) for split in SPLITS}
+    missing = [str(path) for path in sources.values() if not path.exists()]
+    if missing:
+        raise StageError(f"Expected {', '.join(missing)} from the previous stage, but it does not exist.")
     _, model_label = resolve_embedding_model(embedding_model)
     model = load_model(embedding_model, device)
-    texts = [text for frame in frames.values() for column in (ANCHOR, POSITIVE, NEGATIVE)
-             for text in frame[column] if is_text(text)]
-    index, vectors = embed_texts(model, texts, batch_size)
-    scored = {split: score_frame(frame, index, vectors, model) for split, frame in frames.items()}
-    for frame in scored.values():
-        frame["embedding_model"] = model_label
-    write_splits(scored, output_dir)
     stats: dict[str, Any] = {
         "embedding_model": model_label,
         "dimension": int(model.get_embedding_dimension()),
         "max_seq_length": int(model.max_seq_length),
         "device": str(model.device),
-        "distinct_texts": len(index),
+        "encoded_texts": 0,
         "splits": {},
     }
-    for split, frame in scored.items():
-        split_stats: dict[str, Any] = {"rows": int(len(frame)),
-                                       "exceeds_model_window": int(frame["exceeds_model_window"].sum())}
-        for column in (SIM_POS_NEG, SIM_ANCHOR_POS, SIM_ANCHOR_NEG):
-            values = frame[column].dropna().to_numpy()
-            split_stats[column] = {"mean": float(values.mean()) if len(values) else None, "count": int(len(values))}
-        if len(frame):
-            both = frame[[SIM_ANCHOR_POS, SIM_ANCHOR_NEG]].dropna()
-            closer = both[SIM_ANCHOR_POS] > both[SIM_ANCHOR_NEG]
-            split_stats["positive_closer_than_negative"] = float(np.mean(closer)) if len(both) else None
-        stats["splits"][split] = split_stats
+    for split, source in sources.items():
+        stats["splits"][split], encoded = score_split(model, source, split_path(output_dir, split), model_label,
+                                                      batch_size, stream_rows)
+        stats["encoded_texts"] += encoded
     write_json(Path(output_dir) / "stats.json", stats)
-    log.info("scored %s rows with %s on %s (dimension %d, %d distinct texts)",
-             {split: len(frame) for split, frame in scored.items()}, model_label, stats["device"], stats["dimension"],
-             len(index))
+    log.info("scored %s rows with %s on %s (dimension %d, %d texts encoded)",
+             {split: split_stats["rows"] for split, split_stats in stats["splits"].items()}, model_label,
+             stats["device"], stats["dimension"], stats["encoded_texts"])
     return stats
 
 

@@ -21,6 +21,8 @@ from kfp.dsl import Dataset, Input, Model, Output
 from components.common import (
     ANCHOR,
     DOCUMENT_PROMPT_NAMES,
+    FILTER_STATUS,
+    GENERATION_STATUS,
     HARD_NEGATIVES,
     NEGATIVE,
     POSITIVE,
@@ -29,13 +31,14 @@ from components.common import (
     get_logger,
     matryoshka_dims,
     model_prompt,
-    read_splits,
     resolve_embedding_model,
+    split_path,
     stage_component,
     training_rows,
     valid_pairs,
     write_json,
 )
+from components.parquet_stream import STREAM_ROWS, input_schema, iter_frames
 from components.settings import setting
 
 log = get_logger("finetune")
@@ -57,6 +60,8 @@ TRAINING_STATS = "training_stats.json"
 
 QUERY_COLUMN, DOCUMENT_COLUMN, HARD_NEGATIVE_COLUMN = "query", "document", "hard_negative"
 MINED_COLUMN = "negative_{}"  # negative_1 ... negative_k in mined mode
+# What the training rows are chosen and built from; the scored split's other columns (vectors) are never read.
+TRAINING_COLUMNS = (ANCHOR, POSITIVE, NEGATIVE, GENERATION_STATUS, FILTER_STATUS, HARD_NEGATIVES)
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,33 @@ def _as_list(value) -> list:
     return [text for text in value if isinstance(text, str) and text.strip()]
 
 
-def mined_negative_columns(frame, rows, seed: int) -> tuple[dict[str, list[str]], dict[str, int]]:
+class TrainingRows:
+    """The train split's training rows and counts, gathered batch by batch (`add`), so the scored split, with its
+    vectors and similarity columns, is never in memory whole: only the columns training needs, and only its rows."""
+
+    def __init__(self, columns):
+        self.columns, self.parts, self.pool = list(columns), [], {}
+        self.counts = {"train_rows": 0, "valid_train_rows": 0, "training_rows": 0, "hard_negative_columns": 0}
+
+    def add(self, frame) -> None:
+        """Count a batch of the train split and keep its training rows (and its chunks, the fill-in pool)."""
+        if not len(frame):
+            return
+        self.counts["train_rows"] += len(frame)
+        self.counts["valid_train_rows"] += len(valid_pairs(frame))
+        self.pool.update(dict.fromkeys(text for text in frame[ANCHOR] if isinstance(text, str)))
+        self.parts.append(training_rows(frame)[[name for name in TRAINING_COLUMNS if name in self.columns]])
+
+    def rows(self):
+        """Every training row kept so far, in the split's order."""
+        import pandas as pd
+
+        if not self.parts:
+            return pd.DataFrame(columns=[name for name in TRAINING_COLUMNS if name in self.columns])
+        return pd.concat(self.parts, ignore_index=True)
+
+
+def mined_negative_columns(collected: TrainingRows, rows, seed: int) -> tuple[dict[str, list[str]], dict[str, int]]:
     """negative_1..negative_k for `rows` (k = the most mined negatives any row has) and fill counts.
 
     A row with fewer than k mined negatives (the margin removed candidates, or a small split) gets the missing ones
@@ -108,13 +139,13 @@ def mined_negative_columns(frame, rows, seed: int) -> tuple[dict[str, list[str]]
     """
     import numpy as np
 
-    if HARD_NEGATIVES not in frame.columns:
+    if HARD_NEGATIVES not in collected.columns:
         raise StageError(f"finetune_negatives='mined' needs the '{HARD_NEGATIVES}' column written by "
                          "mine_negatives, and the train split has none. Run mine_negatives first, or set "
                          "finetune_negatives to 'in-batch' or 'llm'.")
     mined = [_as_list(value) for value in rows[HARD_NEGATIVES]]
     width = max((len(negatives) for negatives in mined), default=0)
-    pool = list(dict.fromkeys(text for text in frame[ANCHOR] if isinstance(text, str)))
+    pool = list(collected.pool)
     rng = np.random.default_rng(seed)
     filled_rows = filled = 0
     for negatives, own in zip(mined, rows[ANCHOR]):
@@ -134,23 +165,39 @@ def mined_negative_columns(frame, rows, seed: int) -> tuple[dict[str, list[str]]
     return columns, {"hard_negative_columns": width, "rows_filled": filled_rows, "negatives_filled": filled}
 
 
-def training_dataset(frame, negatives: str = DEFAULT_NEGATIVES, seed: int = DEFAULT_SEED):
-    """(the columns the loss sees, in its order: query, document[, negatives...]; counts). Only training_rows(frame)
-    train: valid rows that passed every filter of mine_negatives."""
+def collected_dataset(collected: TrainingRows, negatives: str = DEFAULT_NEGATIVES, seed: int = DEFAULT_SEED):
+    """(the columns the loss sees, in its order: query, document[, negatives...]; counts) from gathered rows."""
     from datasets import Dataset as HFDataset
 
-    rows = training_rows(frame)
+    rows = collected.rows()
     columns = {QUERY_COLUMN: list(rows[POSITIVE]), DOCUMENT_COLUMN: list(rows[ANCHOR])}
-    counts = {"train_rows": len(frame), "valid_train_rows": len(valid_pairs(frame)),
-              "training_rows": len(rows), "hard_negative_columns": 0}
+    counts = {**collected.counts, "training_rows": len(rows)}
     if negatives == "llm":
         columns[HARD_NEGATIVE_COLUMN] = list(rows[NEGATIVE])
         counts["hard_negative_columns"] = 1
     elif negatives == "mined":
-        mined, fill_counts = mined_negative_columns(frame, rows, seed)
+        mined, fill_counts = mined_negative_columns(collected, rows, seed)
         columns.update(mined)
         counts.update(fill_counts)
     return HFDataset.from_dict(columns), counts
+
+
+def training_dataset(frame, negatives: str = DEFAULT_NEGATIVES, seed: int = DEFAULT_SEED):
+    """(the columns the loss sees, in its order: query, document[, negatives...]; counts). Only training_rows(frame)
+    train: valid rows that passed every filter of mine_negatives."""
+    collected = TrainingRows(frame.columns)
+    collected.add(frame)
+    return collected_dataset(collected, negatives, seed)
+
+
+def read_training_rows(path, batch_rows: int = STREAM_ROWS) -> TrainingRows:
+    """The training rows of a scored split file, read `batch_rows` rows at a time and only the columns they need."""
+    present = input_schema(path).names
+    wanted = [name for name in TRAINING_COLUMNS if name in present]
+    collected = TrainingRows(present)
+    for frame in iter_frames(path, batch_rows, columns=wanted):
+        collected.add(frame)
+    return collected
 
 
 def pick_precision() -> tuple[bool, str]:
@@ -233,14 +280,17 @@ def train(model, dataset, loss, settings: dict[str, Any], use_cuda: bool, precis
             "train_seconds": float(result.metrics.get("train_runtime", 0.0))}
 
 
-def load_training_data(scored_dir, negatives: str, seed: int, batch_size: int):
+def load_training_data(scored_dir, negatives: str, seed: int, batch_size: int,
+                       stream_rows: int = STREAM_ROWS):
     """(dataset, counts, batch size): the train split's training rows; at least 2 of them, batch no larger."""
-    train = read_splits(scored_dir)["train"]
-    dataset, counts = training_dataset(train, negatives, seed)
+    path = split_path(scored_dir, "train")
+    if not path.exists():
+        raise StageError(f"Expected {path} from the previous stage, but it does not exist.")
+    dataset, counts = collected_dataset(read_training_rows(path, stream_rows), negatives, seed)
     if len(dataset) < 2:
-        raise StageError(f"The train split has {len(dataset)} training rows (of {len(train)}: failed generations, "
-                         "empty fields and rows dropped by mine_negatives' filters are left out); finetuning needs "
-                         "at least 2. Generate more data or relax the filters.")
+        raise StageError(f"The train split has {len(dataset)} training rows (of {counts['train_rows']}: failed "
+                         "generations, empty fields and rows dropped by mine_negatives' filters are left out); "
+                         "finetuning needs at least 2. Generate more data or relax the filters.")
     if batch_size > len(dataset):
         log.warning("batch size %d is more than the %d training rows; using %d", batch_size, len(dataset),
                     len(dataset))

@@ -67,3 +67,42 @@ def test_scores_vectors_and_token_counts(tmp_path, model):
     assert list(out["exceeds_model_window"]) == [False, False, True]
     assert stats["splits"]["train"]["exceeds_model_window"] == 1
     assert len(pd.read_parquet(tmp_path / "out" / "test.parquet")) == 1
+
+
+def test_scoring_in_small_batches_writes_what_one_batch_writes(tmp_path):
+    """The stage streams its input: three rows at a time gives the rows, types and stats of one batch."""
+    anchor = "Kubeflow Pipelines lets you compile a pipeline to YAML and submit it to a cluster."
+    rows = [[anchor, "How do I compile a pipeline?", "How do I bake bread?"],
+            [anchor, "Where does the pipeline run?", "What is a banana?"],
+            ["Katib tunes hyperparameters.", None, None],  # its rows straddle the first batch boundary
+            ["Katib tunes hyperparameters.", None, None],
+            ["Katib runs trials.", None, None],  # a batch without a single negative
+            [anchor + " More.", "Which cluster?", None],
+            ["Notebooks run in the cluster.", "How do I start a notebook?", "What is rain?"]]
+    write_splits({"train": triplets(rows), "test": triplets(rows[:1])}, tmp_path / "in")
+    whole = embed_score(tmp_path / "in", tmp_path / "one", EMBEDDED_EMBEDDING_MODEL, device="cpu")
+    batched = embed_score(tmp_path / "in", tmp_path / "many", EMBEDDED_EMBEDDING_MODEL, device="cpu",
+                          stream_rows=3)
+    for split in ("train", "test"):
+        one = pd.read_parquet(tmp_path / "one" / f"{split}.parquet")
+        many = pd.read_parquet(tmp_path / "many" / f"{split}.parquet")
+        assert np.allclose(np.stack(one["anchor-vector"]), np.stack(many["anchor-vector"]), atol=1e-6)
+        pd.testing.assert_frame_equal(one.drop(columns="anchor-vector"), many.drop(columns="anchor-vector"),
+                                      check_exact=False, atol=1e-6)
+    assert batched["splits"]["train"]["similarity-anchor-negative"]["count"] == 3
+    assert batched["splits"]["train"]["rows"] == whole["splits"]["train"]["rows"] == 7
+    assert batched["splits"]["train"]["positive_closer_than_negative"] == pytest.approx(
+        whole["splits"]["train"]["positive_closer_than_negative"])
+    # Each batch encodes its own distinct texts: a repeated anchor within a batch once, across a boundary twice.
+    assert whole["encoded_texts"] == 15 and batched["encoded_texts"] == 16
+
+
+def test_input_in_the_old_layout_reads_the_same(tmp_path):
+    """A split written by pandas (with its dtypes metadata) comes back with the same dtypes after scoring."""
+    frame = triplets([["Some chunk about pipelines.", "How do I run it?", "What is rain?"]])
+    write_splits({"train": frame, "test": frame.head(0)}, tmp_path / "in")
+    embed_score(tmp_path / "in", tmp_path / "out", EMBEDDED_EMBEDDING_MODEL, device="cpu", stream_rows=1)
+    out = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    assert out[["filename", "anchor"]].dtypes.tolist() == frame[["filename", "anchor"]].dtypes.tolist()
+    assert out["token_count"].dtype == np.int64 and out["exceeds_model_window"].dtype == bool
+    assert len(pd.read_parquet(tmp_path / "out" / "test.parquet")) == 0
