@@ -19,6 +19,7 @@ from benchmarks.speed.data import KUBEFLOW_DOCS, PROJECT_ROOT
 
 TASK_START = re.compile(r"Executing task '([\w-]+)'")
 TASK_END = re.compile(r"Task '([\w-]+)' finished")
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours task names
 TARGET = 0.10
 
 
@@ -42,6 +43,7 @@ def timed_run(args: list[str]) -> dict:
     opened, tasks, first_task, tail = {}, {}, None, []
     for line in process.stdout:
         now = time.perf_counter() - started
+        line = ANSI_COLOUR.sub("", line)
         tail = (tail + [line])[-40:]
         if match := TASK_START.search(line):
             opened[match.group(1)] = now
