@@ -4,19 +4,21 @@
     python -m benchmarks.speed.memory_probe finetune-data SCORED_DIR
 
 `ready_mb` is the resident size after the imports (and, for embed, the model load), before any data is read;
-`peak_mb` the process's peak resident size (ru_maxrss) at the end.
+`peak_mb` the process's peak resident size (VmHWM; not ru_maxrss, which Linux carries over from the parent process
+across fork and exec, so a child of a big process reports its parent's peak).
 """
 
 import json
-import resource
 import sys
 
 
-def resident_mb() -> float:
-    """This process's resident size now, in MB (from /proc)."""
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * resource.getpagesize() / 1e6
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: resident peak), in MB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1e3  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main(argv: list[str]) -> int:
@@ -27,16 +29,16 @@ def main(argv: list[str]) -> int:
         from components.embed_score import embed_score
 
         load_model(EMBEDDED_EMBEDDING_MODEL, "cpu")  # the model's own memory counts in ready_mb
-        ready = resident_mb()
+        ready = status_mb("VmRSS")
         embed_score(paths[0], paths[1], EMBEDDED_EMBEDDING_MODEL, device="cpu")
     elif what == "finetune-data":
         from components.finetune import load_training_data
 
-        ready = resident_mb()
+        ready = status_mb("VmRSS")
         dataset, counts, _ = load_training_data(paths[0], "mined", seed=0, batch_size=16)
     else:
         raise SystemExit(f"unknown data path {what!r}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
+    peak = status_mb("VmHWM")
     print(json.dumps({"ready_mb": ready, "peak_mb": peak}))
     return 0
 
