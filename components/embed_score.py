@@ -8,7 +8,7 @@ normalised embeddings, so cosine similarity is a row-wise dot product. CUDA in h
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from kfp.dsl import Dataset, Input, Output
 
@@ -39,6 +39,8 @@ from components.settings import setting
 log = get_logger("embed_score")
 # Texts are encoded this many batches at a time, so progress is reported while a large corpus is encoded.
 BATCHES_PER_PROGRESS_STEP = 8
+# anchor, positive, negative: the texts of a row.
+TEXT_COLUMNS = 3
 
 
 @dataclass(frozen=True)
@@ -50,20 +52,22 @@ class EmbedScoreSettings:
     embedding_batch_size: int = setting(64, "texts per encoding batch", minimum=1, maximum=65536)
 
 
-def embed_texts(model, texts: list[str], batch_size: int = 64):
-    """Encode distinct texts once; return (index by text, normalised float32 matrix)."""
+def embed_texts(model, texts: list[str], batch_size: int = 64, progress: Optional[ProgressReporter] = None):
+    """Encode distinct texts once; return (index by text, normalised float32 matrix).
+
+    `progress`, if given, advances by the texts encoded, a few batches at a time.
+    """
     import numpy as np
 
     unique = list(dict.fromkeys(texts))
     if not unique:
         return {}, np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
-    log.info("encoding %d distinct texts", len(unique))
-    progress = ProgressReporter("embed_score", len(unique), unit="texts", logger=log)
     step, parts = batch_size * BATCHES_PER_PROGRESS_STEP, []
     for start in range(0, len(unique), step):
         parts.append(model.encode(unique[start:start + step], batch_size=batch_size, normalize_embeddings=True,
                                   convert_to_numpy=True, show_progress_bar=False))
-        progress.advance(len(parts[-1]))
+        if progress is not None:
+            progress.advance(len(parts[-1]))
     return {text: i for i, text in enumerate(unique)}, np.concatenate(parts).astype(np.float32)
 
 
@@ -142,13 +146,18 @@ class SplitStats:
 
 
 def score_split(model, source: Path, target: Path, model_label: str, batch_size: int,
-                stream_rows: int) -> tuple[dict[str, Any], int]:
-    """Score one split's file `stream_rows` rows at a time; (its stats, texts encoded)."""
+                stream_rows: int, progress: ProgressReporter) -> tuple[dict[str, Any], int]:
+    """Score one split's file `stream_rows` rows at a time; (its stats, texts encoded).
+
+    `progress` counts the split's texts (three per row): encoded ones as they are encoded, repeated or empty ones
+    when their batch is done.
+    """
     stats, encoded = SplitStats(), 0
     with FrameWriter(target, output_schema(input_schema(source))) as writer:
         for frame in iter_frames(source, stream_rows):
             texts = [text for column in (ANCHOR, POSITIVE, NEGATIVE) for text in frame[column] if is_text(text)]
-            index, vectors = embed_texts(model, texts, batch_size)
+            index, vectors = embed_texts(model, texts, batch_size, progress)
+            progress.advance(TEXT_COLUMNS * len(frame) - len(index))
             scored = score_frame(frame, index, vectors, model)
             scored["embedding_model"] = model_label
             writer.write(scored)
@@ -184,9 +193,14 @@ def embed_score(
         "encoded_texts": 0,
         "splits": {},
     }
+    import pyarrow.parquet as pq
+
+    # One count for the whole stage (a bar that does not restart per split or per streamed batch).
+    total_texts = TEXT_COLUMNS * sum(pq.ParquetFile(source).metadata.num_rows for source in sources.values())
+    progress = ProgressReporter("embed_score", total_texts, unit="texts", logger=log)
     for split, source in sources.items():
         stats["splits"][split], encoded = score_split(model, source, split_path(output_dir, split), model_label,
-                                                      batch_size, stream_rows)
+                                                      batch_size, stream_rows, progress)
         stats["encoded_texts"] += encoded
     write_json(Path(output_dir) / "stats.json", stats)
     log.info("scored %s rows with %s on %s (dimension %d, %d texts encoded)",
