@@ -2,6 +2,7 @@
 and the GPU script's dry run on CPU. The figures mean nothing at these sizes; only that the code runs and the scores
 agree. Generation and re-runs run the embedded LLM and whole pipelines: slow tests."""
 
+import json
 import math
 import re
 
@@ -53,10 +54,27 @@ def test_embed_score_against_the_seed_and_memory_on_tiny_sizes(tmp_path):
     assert "<!-- bench:memory -->" in (tmp_path / "b.md").read_text()
 
 
-def test_the_gpu_script_runs_on_cpu_in_a_dry_run(capsys):
-    assert gpu_embed.main(["--dry-run"]) == 0
+def test_the_gpu_script_runs_on_cpu_in_a_dry_run(capsys, tmp_path):
+    assert gpu_embed.main(["--dry-run", "--stage-rows", "12", "--json", str(tmp_path / "gpu.json")]) == 0
     printed = capsys.readouterr().out
-    assert "| stage (fp16 on CUDA, sorted batches) |" in printed and "seed-style fp32" in printed
+    assert "| seed-style fp32, batch 32 |" in printed
+    assert "| stage, fp32 (CPU), batch 4 |" in printed and "| stage, fp32 (CPU), batch 8 |" in printed
+    assert "Whole embed_score stage on cpu: 12 rows" in printed
+    measured = json.loads((tmp_path / "gpu.json").read_text())
+    assert [path["batch_size"] for path in measured["paths"]] == [32, 4, 8]
+    # The same weights in fp32 on the CPU: the stage's cosines and scores are the baseline's.
+    assert all(path["cosine_difference"] < 1e-5 for path in measured["paths"])
+    assert measured["stage"]["rows"] == 12 and measured["stage"]["largest_score_difference"] < 1e-5
+
+
+def test_padding_is_counted_in_each_paths_order():
+    texts = ["aaaa", "b", "cc", "ddd"]
+    lengths = [10, 40, 20, 30]  # token counts need not follow character counts
+    # The seed's order is by characters: (aaaa, ddd) and (cc, b) pad to 30 and 40.
+    assert gpu_embed.padded_tokens(lengths, 2, gpu_embed.seed_order(texts)) == 2 * 30 + 2 * 40
+    # The stage's is by tokens: (b, ddd) and (cc, aaaa) pad to 40 and 20.
+    assert gpu_embed.padded_tokens(lengths, 2, gpu_embed.stage_order(lengths)) == 2 * 40 + 2 * 20
+
 
 
 def test_peaks_are_found_by_device_name():

@@ -36,9 +36,29 @@ def test_each_distinct_text_is_encoded_once(model):
         index, vectors = embed_texts(model, ["a", "b", "a", "c", "b"])
     finally:
         model.encode = original
-    assert calls == [["a", "b", "c"]]
+    assert sorted(text for call in calls for text in call) == ["a", "b", "c"]
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_batches_are_cut_by_token_count_and_vectors_keep_their_texts(model):
+    texts = ["word " * n for n in (3, 40, 1, 25, 7, 60, 2)]
+    calls = []
+    original = model.encode
+
+    def recording_encode(batch, **kwargs):
+        calls.append(list(batch))
+        return original(batch, **kwargs)
+
+    model.encode = recording_encode
+    try:
+        index, vectors = embed_texts(model, texts, batch_size=2)
+    finally:
+        model.encode = original
+    # Longest first, two at a time: each batch pads only to its own longest text.
+    assert [[len(text.split()) for text in batch] for batch in calls] == [[60, 40], [25, 7], [3, 2], [1]]
+    one_by_one = original(texts, batch_size=1, normalize_embeddings=True, convert_to_numpy=True)
+    assert np.allclose(vectors[[index[text] for text in texts]], one_by_one, atol=1e-5)
 
 
 def test_scores_vectors_and_token_counts(tmp_path, model):
