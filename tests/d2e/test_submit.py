@@ -81,6 +81,17 @@ def test_vertex_submit_says_what_is_missing(tmp_path, monkeypatch, capsys):
     assert "not KEY=VALUE" in capsys.readouterr().err
 
 
+def test_vertex_submit_without_the_sdk_says_how_to_install_it(service_account_key, monkeypatch, capsys):
+    import sys
+
+    # As after `make run`'s set-up alone: the module cannot be imported (nor found on an already imported parent).
+    monkeypatch.setitem(sys.modules, "google.cloud.aiplatform", None)
+    monkeypatch.delattr("google.cloud.aiplatform", raising=False)
+    assert main(["submit", "--target", "vertex", "--project", "p", "--region", "r", "--pipeline-root",
+                 "gs://b/r", "--service-account", "s"]) == 2
+    assert "make setup-dev" in capsys.readouterr().err
+
+
 def test_kfp_submit_needs_a_host(monkeypatch, capsys):
     monkeypatch.delenv("KFP_HOST", raising=False)
     assert main(["submit", "--target", "kfp"]) == 2
