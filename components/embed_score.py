@@ -95,7 +95,6 @@ def embed_score(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Embed and score both splits; write them and stats.json."""
-    import numpy as np
 
     frames = read_splits(input_dir)
     _, model_label = resolve_embedding_model(embedding_model)
@@ -116,20 +115,26 @@ def embed_score(
         "splits": {},
     }
     for split, frame in scored.items():
-        split_stats: dict[str, Any] = {"rows": int(len(frame)),
-                                       "exceeds_model_window": int(frame["exceeds_model_window"].sum())}
-        for column in (SIM_POS_NEG, SIM_ANCHOR_POS, SIM_ANCHOR_NEG):
-            values = frame[column].dropna().to_numpy()
-            split_stats[column] = {"mean": float(values.mean()) if len(values) else None, "count": int(len(values))}
-        if len(frame):
-            both = frame[[SIM_ANCHOR_POS, SIM_ANCHOR_NEG]].dropna()
-            closer = both[SIM_ANCHOR_POS] > both[SIM_ANCHOR_NEG]
-            split_stats["positive_closer_than_negative"] = float(np.mean(closer)) if len(both) else None
-        stats["splits"][split] = split_stats
+        stats["splits"][split] = split_stats(frame)
     write_json(Path(output_dir) / "stats.json", stats)
     log.info("scored %s rows with %s on %s (dimension %d, %d distinct texts)",
              {split: len(frame) for split, frame in scored.items()}, model_label, stats["device"], stats["dimension"],
              len(index))
+    return stats
+
+
+def split_stats(frame: Any) -> dict[str, Any]:
+    """A scored split's statistics: rows, rows past the model's window, mean similarities, positive closer."""
+    import numpy as np
+
+    stats: dict[str, Any] = {"rows": int(len(frame)), "exceeds_model_window": int(frame["exceeds_model_window"].sum())}
+    for column in (SIM_POS_NEG, SIM_ANCHOR_POS, SIM_ANCHOR_NEG):
+        values = frame[column].dropna().to_numpy()
+        stats[column] = {"mean": float(values.mean()) if len(values) else None, "count": int(len(values))}
+    if len(frame):
+        both = frame[[SIM_ANCHOR_POS, SIM_ANCHOR_NEG]].dropna()
+        closer = both[SIM_ANCHOR_POS] > both[SIM_ANCHOR_NEG]
+        stats["positive_closer_than_negative"] = float(np.mean(closer)) if len(both) else None
     return stats
 
 

@@ -100,4 +100,5 @@ class AdaptiveSlots:
         finally:
             async with self._changed:
                 self.in_flight -= 1
-                self._changed.notify_all()
+                # As many waiters as there are free slots (more after an increase), not every waiter each time.
+                self._changed.notify(max(0, self.limit.limit - self.in_flight))

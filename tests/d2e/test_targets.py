@@ -18,6 +18,7 @@ from components.load_docs import LoadDocsSettings
 from d2e import targets
 from pipeline import compile_pipeline
 from tests.conftest import PROJECT_ROOT
+from tests.support.compiled import dag_tasks, parameter_source
 
 PIPELINE_STAGES = STAGES
 # Shapes of real credentials: OpenAI keys, Google OAuth tokens and API keys, private keys, bearer headers.
@@ -64,7 +65,7 @@ def test_gpu_only_on_gpu_stages_in_each_targets_form(compiled):
 
 def test_resources_retries_and_caching_per_stage(compiled):
     _, _, spec, _ = compiled
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = dag_tasks(spec)
     for stage in PIPELINE_STAGES:
         resources = executor(spec, stage)["resources"]
         expected = stage_resources(stage)
@@ -102,8 +103,8 @@ def test_parameter_defaults_per_target(compiled):
                   gpu["tolerations"][0]["tolerationJson"]["componentInputParameter"]}
     assert set(parameters) <= wired, set(parameters) - wired
     if target == "vertex":
-        generate = spec["root"]["dag"]["tasks"]["generate-queries-component"]["inputs"]["parameters"]
-        assert generate["openai_secret_resource"]["componentInputParameter"] == "openai_secret_resource"
+        generate = dag_tasks(spec)["generate-queries-component"]["inputs"]["parameters"]
+        assert parameter_source(generate["openai_secret_resource"]) == "openai_secret_resource"
     else:
         assert parameters["gpu_accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
         assert parameters["gpu_node_selector"]["defaultValue"] == {"nvidia.com/gpu.present": "true"}
