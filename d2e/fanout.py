@@ -42,6 +42,10 @@ def generate_and_score(target: str, values: dict, docs: Any) -> FanOut:
         embed = embed_score_component(triplets=generate.outputs["triplets"], **stage_arguments("embed_score", values))
         configure_task(embed, "embed_score")
         request_gpu(embed, target, values)
+        if target == "kfp":
+            # KFP 2.17's compiler does not pass a task's accelerator parameters into its ParallelFor's inputs (the
+            # task would not find them at run time); registering them as channels of the task does.
+            embed.register_pipeline_channels([values["gpu_accelerator_type"], values["gpu_count"]])
     triplets = merge_triplets_component(parts=dsl.Collected(generate.outputs["triplets"]), docs=docs)
     helper_task(triplets, "merge_triplets", memory=MERGE_MEMORY)
     scored = merge_scored_component(parts=dsl.Collected(embed.outputs["scored"]), docs=docs)

@@ -49,6 +49,11 @@ def test_generate_and_embed_run_inside_one_parallel_for_and_are_merged(target, t
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert set(body) == {"generate-queries-component", "embed-score-component"}
     assert body["generate-queries-component"]["inputs"]["parameters"]["shard"]["componentInputParameter"]
+    # Every parameter a task inside the loop reads reaches the loop (KFP 2.17 forgets the accelerator's by itself).
+    loop_inputs = set(spec["components"][loop["componentRef"]["name"]]["inputDefinitions"]["parameters"])
+    for task in body.values():
+        for value in task["inputs"]["parameters"].values():
+            assert value.get("componentInputParameter", next(iter(loop_inputs))) in loop_inputs
     for merge, output in (("merge-triplets-component", "triplets"), ("merge-scored-component", "scored")):
         assert tasks[merge]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]["producerTask"] == \
             loop["taskInfo"]["name"]
