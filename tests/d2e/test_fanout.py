@@ -74,6 +74,7 @@ def run_locally(root: Path, chunks: Path, server: FaultyOpenAIServer, shards: in
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # twelve kfp.local tasks: about 2 minutes alone, far more on a shared machine
 def test_two_shards_write_what_one_writes_row_for_row(tmp_path, small_chunks, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
