@@ -14,15 +14,14 @@ from pathlib import Path
 
 from kfp import compiler, dsl
 
-from components.embed_score import embed_score_component
 from components.evaluate import evaluate_component
 from components.export import export_component
 from components.finetune import finetune_component
-from components.generate_queries import generate_queries_component
 from components.load_docs import load_docs_component
 from components.mine_negatives import mine_negatives_component
 from components.publish import publish_component
 from components.report import report_component
+from d2e.fanout import generate_and_score
 from d2e.parameters import pipeline_signature, stage_arguments
 from d2e.targets import check_target, configure_task, mount_secrets, request_gpu, secret_arguments
 
@@ -37,22 +36,18 @@ DEFAULT_VERTEX_COMPILED = PROJECT_ROOT / "pipeline-vertex.yaml"
 def add_stages(target: str, values: dict) -> None:
     """The tasks and their wiring; `values` holds one pipeline parameter per setting, by name."""
     load = configure_task(load_docs_component(**stage_arguments("load_docs", values)), "load_docs")
-    generate = generate_queries_component(docs=load.outputs["docs"], **stage_arguments("generate_queries", values),
-                                          **secret_arguments(target, "generate_queries", values))
-    configure_task(generate, "generate_queries")
-    embed = embed_score_component(triplets=generate.outputs["triplets"], **stage_arguments("embed_score", values))
-    configure_task(embed, "embed_score")
-    request_gpu(embed, target, values)
+    # generate_queries and embed_score over `shards` parallel tasks, merged back in load_docs' order (d2e/fanout.py).
+    fan_out = generate_and_score(target, values, load.outputs["docs"])
+    triplets, scored = fan_out.triplets.outputs["triplets"], fan_out.scored.outputs["scored"]
 
     # Filters and mined negatives: what every later stage reads (rows are marked, none removed).
-    mine = mine_negatives_component(scored=embed.outputs["scored"], embedding_model=values["embedding_model"],
+    mine = mine_negatives_component(scored=scored, embedding_model=values["embedding_model"],
                                     **stage_arguments("mine_negatives", values))
     configure_task(mine, "mine_negatives")
     request_gpu(mine, target, values)
     mined = mine.outputs["mined"]
 
-    report = report_component(docs=load.outputs["docs"], triplets=generate.outputs["triplets"],
-                              scored=embed.outputs["scored"], mined=mined)
+    report = report_component(docs=load.outputs["docs"], triplets=triplets, scored=scored, mined=mined)
     configure_task(report, "report")
     final = export_component(scored=mined, report_files=report.outputs["report_files"],
                              **stage_arguments("export", values))
@@ -73,7 +68,7 @@ def add_stages(target: str, values: dict) -> None:
                                **stage_arguments("evaluate", values), **secret_arguments(target, "evaluate", values))
     configure_task(judge, "evaluate")
     request_gpu(judge, target, values)
-    mount_secrets(target, {"generate_queries": generate, "publish": publish, "evaluate": judge})
+    mount_secrets(target, {"generate_queries": fan_out.generate, "publish": publish, "evaluate": judge})
 
 
 def build_pipeline(target: str = "kfp"):

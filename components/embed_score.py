@@ -159,6 +159,13 @@ class SplitStats:
         return result
 
 
+def split_stats(frame: Any) -> dict[str, Any]:
+    """A whole scored split's entry in stats.json (the shards' merge recomputes it over all rows)."""
+    stats = SplitStats()
+    stats.add(frame)
+    return stats.as_dict()
+
+
 def score_split(model, source: Path, target: Path, model_label: str, batch_size: int,
                 stream_rows: int, progress: ProgressReporter) -> tuple[dict[str, Any], int]:
     """Score one split's file `stream_rows` rows at a time; (its stats, texts encoded).

@@ -103,16 +103,20 @@ def configure_task(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
     return task
 
 
+def gpu_parameters(target: str) -> tuple[str, str]:
+    """The pipeline parameters that name a GPU task's accelerator and count on `target`."""
+    return ("gpu_accelerator_type", "gpu_count") if target == "kfp" else ("vertex_accelerator_type",
+                                                                            "vertex_accelerator_count")
+
+
 def request_gpu(task: dsl.PipelineTask, target: str, values: dict) -> None:
     """The same GPU request on every GPU task, from each target's own pipeline parameters (a Kubernetes resource
     name on Kubeflow, an accelerator enum on Vertex): the YAML holds references, the run supplies the values."""
+    kind, count = gpu_parameters(target)
+    task.set_accelerator_type(values[kind]).set_accelerator_limit(values[count])
     if target == "kfp":
-        task.set_accelerator_type(values["gpu_accelerator_type"]).set_accelerator_limit(values["gpu_count"])
         kubernetes.add_node_selector_json(task, values["gpu_node_selector"])
         kubernetes.add_toleration_json(task, values["gpu_tolerations"])
-    else:
-        task.set_accelerator_type(values["vertex_accelerator_type"])
-        task.set_accelerator_limit(values["vertex_accelerator_count"])
 
 
 def secret_arguments(target: str, stage: str, values: dict) -> dict:

@@ -7,11 +7,15 @@ import yaml
 from components.common import STAGE_IMAGES
 from d2e.targets import ARGILLA_SECRET_NAME, HF_SECRET_NAME, OPENAI_SECRET_NAME, TARGETS, VERTEX_ONLY_PARAMETERS
 from tests.conftest import PROJECT_ROOT
+from tests.support.compiled import dag_tasks, parameter_source
 
 STAGES = ("load-docs", "generate-queries", "embed-score", "mine-negatives", "report", "export", "publish", "finetune",
           "evaluate")
 GPU_TASKS = ["exec-embed-score-component", "exec-evaluate-component", "exec-finetune-component",
              "exec-mine-negatives-component"]
+# The shards' fan-out (d2e/fanout.py): the list of shards and the two merges, around a ParallelFor.
+FAN_OUT_TASKS = {"shard-list-component", "merge-triplets-component", "merge-scored-component"}
+
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +33,13 @@ def test_compiled_pipeline_has_every_stage_with_its_own_image(compiled):
         underscored = stage.replace("-", "_")
         assert images[f"exec-{stage}-component"] == STAGE_IMAGES[underscored]
     assert len(set(images.values())) == len(STAGES)
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {f"{stage}-component" for stage in STAGES}
+    tasks = dag_tasks(spec)
+    assert set(tasks) == {f"{stage}-component" for stage in STAGES} | FAN_OUT_TASKS
     # Every stage after mining reads the mined (filtered, with hard negatives) dataset; the report also reads
-    # embed_score's statistics.
-    assert tasks["mine-negatives-component"]["dependentTasks"] == ["embed-score-component"]
-    assert tasks["report-component"]["dependentTasks"] == ["embed-score-component", "generate-queries-component",
-                                                           "load-docs-component", "mine-negatives-component"]
+    # embed_score's statistics. Both read the shards' merged outputs.
+    assert tasks["mine-negatives-component"]["dependentTasks"] == ["merge-scored-component"]
+    assert tasks["report-component"]["dependentTasks"] == ["load-docs-component", "merge-scored-component",
+                                                           "merge-triplets-component", "mine-negatives-component"]
     assert tasks["export-component"]["dependentTasks"] == ["mine-negatives-component", "report-component"]
     assert tasks["publish-component"]["dependentTasks"] == ["mine-negatives-component", "report-component"]
     assert tasks["finetune-component"]["dependentTasks"] == ["mine-negatives-component"]
@@ -47,7 +51,7 @@ def test_compiled_pipeline_has_every_stage_with_its_own_image(compiled):
     assert mined == {"outputArtifactKey": "mined", "producerTask": "mine-negatives-component"}
     mine_inputs = tasks["mine-negatives-component"]["inputs"]
     assert mine_inputs["artifacts"]["scored"]["taskOutputArtifact"] == {
-        "outputArtifactKey": "scored", "producerTask": "embed-score-component"}
+        "outputArtifactKey": "scored", "producerTask": "merge-scored-component"}
     assert mine_inputs["parameters"]["embedding_model"]["componentInputParameter"] == "embedding_model"
     model_input = tasks["evaluate-component"]["inputs"]["artifacts"]["finetuned_model"]["taskOutputArtifact"]
     assert model_input == {"outputArtifactKey": "model", "producerTask": "finetune-component"}
@@ -60,11 +64,11 @@ def test_gpu_request_is_on_embed_score_mine_negatives_finetune_and_evaluate_only
                       if "accelerator" in executor["container"].get("resources", {}))
     assert with_gpu == GPU_TASKS
     # One set of GPU parameters serves every GPU task.
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = dag_tasks(spec)
     for task in ("embed-score-component", "mine-negatives-component", "finetune-component", "evaluate-component"):
         parameters = tasks[task]["inputs"]["parameters"]
-        assert parameters["pipelinechannel--gpu_accelerator_type"]["componentInputParameter"] == "gpu_accelerator_type"
-        assert parameters["pipelinechannel--gpu_count"]["componentInputParameter"] == "gpu_count"
+        assert parameter_source(parameters["pipelinechannel--gpu_accelerator_type"]) == "gpu_accelerator_type"
+        assert parameter_source(parameters["pipelinechannel--gpu_count"]) == "gpu_count"
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in GPU_TASKS:
         assert "nodeSelector" in k8s[name] and "tolerations" in k8s[name]
@@ -139,11 +143,11 @@ def test_every_setting_is_a_pipeline_parameter_wired_to_its_stage(target, compil
     for group, settings_class in SETTINGS:
         if group == "target":
             continue
-        task = spec["root"]["dag"]["tasks"][f"{group.replace('_', '-')}-component"]["inputs"]["parameters"]
+        task = dag_tasks(spec)[f"{group.replace('_', '-')}-component"]["inputs"]["parameters"]
         for setting in specs(settings_class):
             argument = setting.name
             assert argument in component_inputs(spec, group), (group, setting.name)
-            assert task[argument]["componentInputParameter"] == setting.name, (group, setting.name)
+            assert parameter_source(task[argument]) == setting.name, (group, setting.name)
 
 
 def test_pipeline_signature_follows_the_settings_order():

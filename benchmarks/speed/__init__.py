@@ -16,6 +16,7 @@ MODULES = (
     "benchmarks.speed.memory",
     "benchmarks.speed.generation",
     "benchmarks.speed.reruns",
+    "benchmarks.speed.api_generation",
 )
 
 

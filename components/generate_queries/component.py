@@ -29,11 +29,16 @@ def generate_queries_component(
     llm_prices: str,
     llm_use_batch_api: bool,
     llm_batch_max_wait: float,
+    shards: int,
     max_failure_rate: float,
     triplets: Output[Dataset],
     openai_secret_resource: str = "",
+    shard: int = 0,
 ):
-    """Generate `queries_per_chunk` (positive, negative) pairs per chunk with distilabel's GenerateSentencePair."""
+    """Generate `queries_per_chunk` (positive, negative) pairs per chunk with distilabel's GenerateSentencePair.
+
+    With `shards` > 1 this task is shard number `shard` of a ParallelFor: it reads only that shard's chunks.
+    """
     arguments = dict(locals())  # first, while the arguments are the only locals
     from components.common import load_secret_into_env
     from components.generate_queries import GenerationSettings, generate_queries
@@ -43,7 +48,7 @@ def generate_queries_component(
     load_secret_into_env(openai_secret_resource, "OPENAI_API_KEY")
     # The range checks run here too: a run started from the KFP UI never went through the CLI's checks.
     settings = from_arguments(GenerationSettings, arguments)
-    stats = generate_queries(docs.path, triplets.path, settings)
+    stats = generate_queries(docs.path, triplets.path, settings, shard=shard)
     triplets.metadata.update({"rows": stats["rows"], "failed": stats["failed"], "llm": stats["llm"],
                               "llm_retries": stats["llm_retries"], "prompt_tokens": stats["prompt_tokens"],
                               "completion_tokens": stats["completion_tokens"],

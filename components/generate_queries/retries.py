@@ -30,6 +30,11 @@ def retry_delay(error: BaseException, retries_so_far: int, base: float = RETRY_B
     return None
 
 
+def is_rate_limited(error: BaseException) -> bool:
+    """Whether the endpoint answered 429 (too many requests): the signal that lowers the in-flight limit."""
+    return getattr(error, "status_code", None) == 429
+
+
 def _retry_after_seconds(headers: Any) -> Optional[float]:
     value = headers.get("retry-after-ms")
     if value:

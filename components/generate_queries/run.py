@@ -3,6 +3,7 @@
 The output is written before the failure-rate check, so a failing run still keeps every finished row.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, pa
 from components.generate_queries.settings import GenerationSettings, GenerationTuning
 from components.generate_queries.status import GENERATED_COLUMNS, from_transport, new_status
 from components.settings import as_dict
+from components.shards import shard_rows
 
 log = get_logger("generate_queries")
 
@@ -30,26 +32,30 @@ STATUSES = ("generated", "cached", "failed")
 UNREPORTED_SETTINGS = ("llm_base_url", "llm_cache_uri", "llm_prices")
 NO_CACHE_WARNING = ("WARNING: no LLM cache (llm_cache_uri is empty): finished rows are kept nowhere, so a re-run "
                     "after any failure pays for every row again. Set llm_cache_uri=gs://BUCKET/PREFIX.")
+# An API batch holds this many times `llm_concurrency` rows (see batch_size_for).
+BATCH_CONCURRENCY_MULTIPLE = 4
 
 
 def generate_queries(input_dir: str | os.PathLike, output_dir: str | os.PathLike, settings: GenerationSettings,
-                     tuning: Optional[GenerationTuning] = None) -> dict[str, Any]:
+                     tuning: Optional[GenerationTuning] = None, shard: int = 0) -> dict[str, Any]:
     """Generate positive/negative queries for both splits; write them with per-row status and stats.json.
 
+    With `settings.shards` > 1 only the chunks of shard number `shard` are read (components/shards.py).
     The output is written before the failure-rate check, so a failing run still keeps every finished row.
     """
     import pandas as pd
 
     tuning = tuning or GenerationTuning()
     spec = _checked_spec(settings)
-    frames = {split: _query_frame(frame, settings) for split, frame in read_splits(input_dir).items()}
+    frames = {split: _query_frame(shard_rows(frame, shard, settings.shards), settings)
+              for split, frame in read_splits(input_dir).items()}
     records = [{**row, "_split": split, "_position": position}
                for split, frame in frames.items() for position, row in enumerate(frame.to_dict("records"))]
     log.info("generating queries for %d chunks with %s (cache: %s)", len(records), spec.label,
              settings.llm_cache_uri or "off")
     if spec.provider == "openai" and not settings.llm_cache_uri:
         log.warning(NO_CACHE_WARNING)
-    results = _run_distilabel(records, spec, settings, tuning) if records else []
+    results, concurrency = _run_distilabel(records, spec, settings, tuning) if records else ([], None)
     by_key = {(row["_split"], row["_position"]): row for row in results}
     out_frames = {}
     for split, frame in frames.items():
@@ -62,6 +68,8 @@ def generate_queries(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     stats["settings"] = {**{name: value for name, value in as_dict(settings).items()
                             if name not in UNREPORTED_SETTINGS},
                          "llm_cache": bool(settings.llm_cache_uri), "max_attempts": tuning.max_attempts}
+    if concurrency is not None:  # an API endpoint: how the adaptive in-flight limit moved (concurrency.py)
+        stats["llm_concurrency_limit"] = concurrency
     write_splits(out_frames, output_dir)
     write_json(Path(output_dir) / "stats.json", stats)
     _log_result(stats)
@@ -159,28 +167,42 @@ def _check_failure_rate(stats: dict[str, Any], limit: float, output_dir: str | o
 
 
 def _run_distilabel(records: list[dict[str, Any]], spec: LLMSpec, settings: GenerationSettings,
-                    tuning: GenerationTuning) -> list[dict[str, Any]]:
+                    tuning: GenerationTuning) -> tuple[list[dict[str, Any]], Optional[dict[str, int]]]:
+    """The rows distilabel returns, and the in-flight limit's summary (None when no API request was made)."""
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
 
     from components.generate_queries.task import make_task
 
     work_dir = tempfile.mkdtemp(prefix="distilabel-")
-    # A batch must hold at least `llm_concurrency` rows, or the endpoint idles between batches.
-    batch_size = max(settings.generation_batch_size, settings.llm_concurrency if spec.provider == "openai" else 1)
+    batch_size = batch_size_for(settings, spec)
+    limit_path = Path(work_dir) / "concurrency.json"
     try:
         with Pipeline(name="generate-queries", cache_dir=work_dir) as pipeline:
             loader = LoadDataFromDicts(data=records, batch_size=batch_size)
-            task = make_task(spec, settings, tuning, total_rows=len(records), input_batch_size=batch_size)
+            task = make_task(spec, settings, tuning, total_rows=len(records), input_batch_size=batch_size,
+                             concurrency_stats_path=str(limit_path))
             loader >> task
         # distilabel's own cache is per pipeline run; the row cache is what makes re-runs free.
         distiset = run_with_spawned_workers(lambda: pipeline.run(use_cache=False))
+        concurrency = json.loads(limit_path.read_text()) if spec.provider == "openai" and limit_path.exists() else None
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         remove_closed_queue_handlers()
     if distiset is None or "default" not in distiset:
-        return []
-    return distiset["default"]["train"].to_list()
+        return [], concurrency
+    return distiset["default"]["train"].to_list(), concurrency
+
+
+def batch_size_for(settings: GenerationSettings, spec: LLMSpec) -> int:
+    """Rows per distilabel batch: for an API endpoint, enough that the in-flight limit stays full.
+
+    distilabel hands the task one batch at a time, and a batch ends with its slowest row (a retry after a 429, a
+    regeneration): the fewer rows a batch has beyond `llm_concurrency`, the longer the endpoint idles at its end.
+    """
+    if spec.provider != "openai":
+        return settings.generation_batch_size
+    return max(settings.generation_batch_size, BATCH_CONCURRENCY_MULTIPLE * settings.llm_concurrency)
 
 
 def run_with_spawned_workers(run: Callable[[], Any]) -> Any:

@@ -69,6 +69,9 @@ class GenerationSettings:
                                       "in the LLM cache, so a re-run resumes them")
     llm_batch_max_wait: float = setting(DEFAULT_BATCH_MAX_WAIT, "seconds to wait for a Batch API job before "
                                         "stopping (a re-run resumes it)", minimum=0.0, maximum=7 * 24 * 3600.0)
+    shards: int = setting(1, "parallel tasks that generate_queries and embed_score fan out over (dsl.ParallelFor); "
+                          "each takes the chunks whose chunk_id hashes to it, and a merge restores the order",
+                          minimum=1, maximum=1000)
     max_failure_rate: float = setting(DEFAULT_MAX_FAILURE_RATE, "fail the run when more than this fraction of rows "
                                       f"fail generation ({LOCAL_MAX_FAILURE_RATE} locally, for the embedded 135M "
                                       "model)", local=LOCAL_MAX_FAILURE_RATE, minimum=0.0, maximum=1.0)
@@ -84,6 +87,8 @@ class GenerationTuning:
     batch_poll_interval: float = DEFAULT_BATCH_POLL_INTERVAL
     temperature_step: float = 0.3  # added to the temperature on each regeneration of a row, so it says something new
     repeat_penalty: float = 1.3  # llama.cpp only: small models loop without it
+    # The in-flight limit after a 429 is this fraction of what it was (concurrency.py); 1.0 keeps it fixed.
+    concurrency_decrease: float = 0.5
 
 
 def default_failure_rate(llm: str) -> float:

@@ -5,6 +5,7 @@ distilabel's spawned workers import `QueryTripletTask` from here by its module p
 """
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from components.common import ANCHOR, NEGATIVE, POSITIVE, get_logger
 from components.generate_queries.batch_api import BatchJobs
 from components.generate_queries.breaker import ConnectionBreaker, is_connect_failure
 from components.generate_queries.cache import CACHE_FAULTS, open_cache, row_cache_key
+from components.generate_queries.concurrency import AdaptiveSlots, AimdLimit
 from components.generate_queries.llm import (
     Attempt,
     LLMSpec,
@@ -30,7 +32,7 @@ from components.generate_queries.llm import (
     response_format_for,
 )
 from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, build_messages, page_title, styles
-from components.generate_queries.retries import describe_error, request_retrying
+from components.generate_queries.retries import describe_error, is_rate_limited, request_retrying
 from components.generate_queries.settings import GenerationSettings, GenerationTuning
 from components.generate_queries.status import (
     GENERATED_COLUMNS,
@@ -72,14 +74,17 @@ def _is_pair(entry: Optional[dict[str, Any]]) -> bool:
 class QueryTripletTask(GenerateSentencePair):
     """GenerateSentencePair with JSON output, validation, bounded regeneration, retries and a row cache.
 
-    Each row of a batch is its own request, run concurrently (at most `llm_concurrency` at once) with its own
-    retry budget, so one failing request never costs the rest of the batch anything.
+    Each row of a batch is its own request, run concurrently with its own retry budget, so one failing request
+    never costs the rest of the batch anything. One adaptive limit (concurrency.py) bounds the requests in flight
+    across all batches: `llm_concurrency` at most, less while the endpoint answers 429. With
+    `concurrency_stats_path` set, the limit's summary is written there after each batch.
     """
 
     spec: LLMSpec
     settings: GenerationSettings
     tuning: GenerationTuning = GenerationTuning()
     total_rows: int = 0
+    concurrency_stats_path: str = ""
     _cache: Any = PrivateAttr(default=None)
     _identity: dict[str, Any] = PrivateAttr(default_factory=dict)
     _legacy_identity: Optional[dict[str, Any]] = PrivateAttr(default=None)
@@ -89,6 +94,8 @@ class QueryTripletTask(GenerateSentencePair):
     _done: int = PrivateAttr(default=0)
     _progress: Any = PrivateAttr(default=None)
     _breaker: Any = PrivateAttr(default=None)
+    _limit: Any = PrivateAttr(default=None)
+    _slots: Any = PrivateAttr(default=None)
 
     def load(self) -> None:
         """Load the LLM, open the row cache and work out the output constraint and the instruction words."""
@@ -99,6 +106,8 @@ class QueryTripletTask(GenerateSentencePair):
         self._output_formats = {style: response_format_for(self.spec, self.settings.llm_json_mode,
                                                            self.settings.llm_base_url or None, style)
                                 for style in styles()}
+        self._limit = AimdLimit(self.settings.llm_concurrency, factor=self.tuning.concurrency_decrease,
+                                on_change=self._log_limit)
         probe = self.format_input({ANCHOR: ""})
         self._instructions = " ".join(message["content"] for message in probe)
         # Plain lines in the stage's log; in a local run also the live bar's events (components/progress.py).
@@ -174,6 +183,7 @@ class QueryTripletTask(GenerateSentencePair):
         retries = sum(row["llm_retries"] for row in rows)
         self._logger.info("generated %d/%d rows (%d failed, %d retried requests in this batch)", self._done,
                           self.total_rows, failed, retries)
+        self._write_concurrency_stats()
         yield [for_transport(row) for row in rows]
 
     # -- one attempt -----------------------------------------------------------------------------------------
@@ -220,6 +230,8 @@ class QueryTripletTask(GenerateSentencePair):
             except Exception as error:  # noqa: BLE001 - recorded on the row
                 return Attempt(error=describe_error(error))
             return Attempt.from_output(output)
+        if self._slots is None:  # made here, inside the loop the client lives on
+            self._slots = AdaptiveSlots(self._limit, is_rate_limited)
         retries = 0
         policy = request_retrying(self.settings.llm_max_retries, self.tuning.retry_base_delay,
                                   self.tuning.retry_max_delay, self._log_retry, give_up=lambda: self._breaker.open)
@@ -227,7 +239,10 @@ class QueryTripletTask(GenerateSentencePair):
             async for attempt in policy:
                 with attempt:
                     retries = attempt.retry_state.attempt_number - 1
-                    output = await self._counted(self.llm.agenerate(input=messages, num_generations=1, **kwargs))
+                    # A slot per HTTP request: a request waiting out its backoff holds none.
+                    async with self._slots.slot():
+                        output = await self._counted(self.llm.agenerate(input=messages, num_generations=1,
+                                                                        **kwargs))
         except Exception as error:  # noqa: BLE001 - classified by retry_delay; recorded on the row
             return Attempt(error=describe_error(error), retries=retries)
         return Attempt.from_output(output, retries)
@@ -245,6 +260,14 @@ class QueryTripletTask(GenerateSentencePair):
     def _log_retry(self, error: BaseException, retry: int, seconds: float) -> None:
         self._logger.info("request failed (%s); retry %d/%d in %.1f s", describe_error(error), retry,
                           self.settings.llm_max_retries, seconds)
+
+    def _log_limit(self, old: int, new: int, reason: str) -> None:
+        self._logger.info("requests in flight: %d -> %d (%s)", old, new, reason)
+
+    def _write_concurrency_stats(self) -> None:
+        if self.concurrency_stats_path and self._limit is not None:
+            with open(self.concurrency_stats_path, "w") as file:
+                json.dump(self._limit.summary(), file)
 
     # -- rows, concurrently ------------------------------------------------------------------------------------
 
@@ -281,19 +304,18 @@ class QueryTripletTask(GenerateSentencePair):
             return legacy.entry
         return found.entry
 
-    async def _generate_row(self, request: RowRequest, slots: asyncio.Semaphore) -> None:
-        await self._attempt_row(request, slots)
+    async def _generate_row(self, request: RowRequest) -> None:
+        await self._attempt_row(request)
         self._count_row(request.row)
 
-    async def _attempt_row(self, request: RowRequest, slots: asyncio.Semaphore) -> None:
+    async def _attempt_row(self, request: RowRequest) -> None:
         fallback = None  # a valid pair that only carries a review flag
         for number in range(1, self.tuning.max_attempts + 1):
             if self._breaker.open:  # the endpoint is unreachable: no row sends anything more in this run
                 record_failure(request.row, self._breaker.reason)
                 break
             messages = request.messages if number == 1 else self.format_input(request.row, number)
-            async with slots:
-                attempt = await self._request(messages, _style(request.row), number)
+            attempt = await self._request(messages, _style(request.row), number)
             judgement = self._judge(request.row, number, attempt)
             if judgement.final:
                 await asyncio.to_thread(self._finish, request, judgement.pair)
@@ -303,8 +325,7 @@ class QueryTripletTask(GenerateSentencePair):
             await asyncio.to_thread(self._finish, request, fallback)
 
     async def _generate_rows(self, pending: list[RowRequest]) -> None:
-        slots = asyncio.Semaphore(max(1, self.settings.llm_concurrency))
-        await asyncio.gather(*(self._generate_row(request, slots) for request in pending))
+        await asyncio.gather(*(self._generate_row(request) for request in pending))
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if isinstance(self.llm, AsyncLLM):
@@ -359,7 +380,7 @@ class QueryTripletTask(GenerateSentencePair):
 
 
 def make_task(spec: LLMSpec, settings: GenerationSettings, tuning: Optional[GenerationTuning] = None,
-              total_rows: int = 0, input_batch_size: int = 8) -> QueryTripletTask:
+              total_rows: int = 0, input_batch_size: int = 8, concurrency_stats_path: str = "") -> QueryTripletTask:
     """The task for a run (inside a distilabel Pipeline context)."""
     return QueryTripletTask(
         name="generate_sentence_pair",
@@ -372,4 +393,5 @@ def make_task(spec: LLMSpec, settings: GenerationSettings, tuning: Optional[Gene
         settings=settings,
         tuning=tuning or GenerationTuning(),
         total_rows=total_rows,
+        concurrency_stats_path=concurrency_stats_path,
     )

@@ -90,3 +90,17 @@ def test_peaks_are_found_by_device_name():
 def test_generation_and_reruns_on_tiny_sizes(tmp_path, name):
     rows = bench.run([name], quick=True, output=None)[name]
     assert rows and all(row.ours > 0 for row in rows), rows
+
+
+@pytest.mark.slow
+def test_api_generation_measures_concurrency_against_a_real_server(tmp_path, monkeypatch):
+    from benchmarks.speed import api_generation
+
+    monkeypatch.setattr(api_generation, "CONCURRENCIES", (1, 8))
+    monkeypatch.setattr(api_generation, "LATENCY", 0.2)
+    rows = api_generation.concurrency_rows(tmp_path, quick=True)
+    serial, parallel = rows
+    assert serial["ratio"] == 1.0 and serial["unit"] == "rows/s"
+    # 8 requests in flight against a server that waits 0.2 s a request: several times the serial rate.
+    assert parallel["ratio"] > 2.5, parallel
+    assert "most requests in flight at the server: 8" in parallel["note"]

@@ -241,4 +241,4 @@ def test_component_arguments_are_the_settings_by_the_same_names():
 
     parameters = list(inspect.signature(generate_queries_component.python_func).parameters)
     assert parameters == ["docs", *[spec.name for spec in specs(GenerationSettings)], "triplets",
-                          "openai_secret_resource"]
+                          "openai_secret_resource", "shard"]

@@ -16,6 +16,7 @@ from components.common import (
 from components.load_docs import LoadDocsSettings
 from d2e import targets
 from tests.conftest import PROJECT_ROOT
+from tests.support.compiled import dag_tasks, parameter_source
 
 PIPELINE_STAGES = STAGES
 # Shapes of real credentials: OpenAI keys, Google OAuth tokens and API keys, private keys, bearer headers.
@@ -60,9 +61,10 @@ def test_gpu_only_on_gpu_stages_in_each_targets_form(compiled):
         kind, count = GPU_PARAMETERS[target]
         assert accelerator == {"resourceType": f"{{{{$.inputs.parameters['pipelinechannel--{kind}']}}}}",
                                "resourceCount": f"{{{{$.inputs.parameters['pipelinechannel--{count}']}}}}"}, stage
-        inputs = spec["root"]["dag"]["tasks"][f"{stage.replace('_', '-')}-component"]["inputs"]["parameters"]
-        assert inputs[f"pipelinechannel--{kind}"] == {"componentInputParameter": kind}
-        assert inputs[f"pipelinechannel--{count}"] == {"componentInputParameter": count}
+        # Inside the shards' ParallelFor (embed_score) the reference passes through the loop's own inputs.
+        inputs = dag_tasks(spec)[f"{stage.replace('_', '-')}-component"]["inputs"]["parameters"]
+        assert parameter_source(inputs[f"pipelinechannel--{kind}"]) == kind, stage
+        assert parameter_source(inputs[f"pipelinechannel--{count}"]) == count, stage
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     kind, count = GPU_PARAMETERS[target]
     assert parameters[kind] == {"defaultValue": "NVIDIA_L4" if target == "vertex" else "nvidia.com/gpu",
@@ -78,7 +80,7 @@ def test_gpu_only_on_gpu_stages_in_each_targets_form(compiled):
 
 def test_resources_retries_and_caching_per_stage(compiled):
     _, _, spec, _ = compiled
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = dag_tasks(spec)
     for stage in PIPELINE_STAGES:
         resources = executor(spec, stage)["resources"]
         expected = stage_resources(stage)
@@ -113,8 +115,8 @@ def test_parameter_defaults_per_target(compiled):
                   gpu["tolerations"][0]["tolerationJson"]["componentInputParameter"]}
     assert set(parameters) <= wired, set(parameters) - wired
     if target == "vertex":
-        generate = spec["root"]["dag"]["tasks"]["generate-queries-component"]["inputs"]["parameters"]
-        assert generate["openai_secret_resource"]["componentInputParameter"] == "openai_secret_resource"
+        generate = dag_tasks(spec)["generate-queries-component"]["inputs"]["parameters"]
+        assert parameter_source(generate["openai_secret_resource"]) == "openai_secret_resource"
     else:
         assert parameters["gpu_accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
         assert parameters["gpu_node_selector"]["defaultValue"] == {"nvidia.com/gpu.present": "true"}
@@ -145,8 +147,9 @@ def test_every_secret_has_a_path_on_each_target(compiled):
         assert not [name for name in parameters if name.endswith("_secret_resource")]
         return
     assert platform == {}
-    wired = {(task.removesuffix("-component"), name, value.get("componentInputParameter"))
-             for task, body in spec["root"]["dag"]["tasks"].items()
+    # generate_queries sits in the shards' ParallelFor: its reference passes through the loop's inputs.
+    wired = {(task.removesuffix("-component"), name, parameter_source(value))
+             for task, body in dag_tasks(spec).items()
              for name, value in body.get("inputs", {}).get("parameters", {}).items()
              if name.endswith("_secret_resource")}
     assert wired == {(task, parameter, parameter) for _, _, parameter, tasks in SECRET_PATHS for task in tasks}

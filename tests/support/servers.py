@@ -87,16 +87,43 @@ def always(fault: str) -> Callable[[int, dict], str]:
     return lambda number, body: fault
 
 
+class TokenBucket:
+    """Admits `rate` requests a second on average, `burst` at once; `take()` says how long until one is admitted
+    (0: admitted now)."""
+
+    def __init__(self, rate: float, burst: float = 1.0):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return 0.0
+            return (1 - self.tokens) / self.rate
+
+
 class FaultyOpenAIServer:
     """An OpenAI-compatible /v1/chat/completions whose answer to each request a script decides.
 
     `script(request_number, body)` returns one of FAULTS. `log` records every request (number, fault, anchor id);
-    `answered` counts, per anchor id, the valid answers sent, i.e. the generations a client paid for.
+    `answered` counts, per anchor id, the valid answers sent, i.e. the generations a client paid for. `delay` is a
+    fixed latency per request; with `bucket`, requests beyond its rate get 429 with `retry-after-ms` (the time until
+    the bucket admits one). `max_in_flight` is the most requests it held at once.
     """
 
     def __init__(self, script: Callable[[int, dict], str] = always("ok"), retry_after: str = "1",
-                 hang_seconds: float = 3.0, delay: float = 0.0):
+                 hang_seconds: float = 3.0, delay: float = 0.0, bucket: Optional[TokenBucket] = None):
         self.script = script
+        self.bucket = bucket
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.retry_after = retry_after
         self.hang_seconds = hang_seconds
         self.delay = delay
@@ -125,6 +152,9 @@ class FaultyOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out as separate writes: with Nagle's algorithm each answer would wait for the
+            # client's delayed ACK (~40 ms), which is no part of a real endpoint's latency.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):  # keep test output quiet
                 pass
@@ -183,15 +213,32 @@ class FaultyOpenAIServer:
                         return None
                     return self._send(200, json.dumps(owner._batch_status(batch_id)).encode())
                 body = json.loads(raw or b"{}")
+                with owner._lock:
+                    owner.in_flight += 1
+                    owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+                try:
+                    return self._chat(body)
+                finally:
+                    with owner._lock:
+                        owner.in_flight -= 1
+
+            def _chat(self, body: dict):
                 anchor = anchor_of(body)
+                wait = owner.bucket.take() if owner.bucket is not None else 0.0
                 with owner._lock:
                     number = len(owner.log)
-                    fault = owner.script(number, body)
-                    owner.log.append({"number": number, "fault": fault, "anchor": anchor_id(anchor),
-                                      "response_format": body.get("response_format")})
+                    fault = "rate_limited" if wait else owner.script(number, body)
+                    entry = {"number": number, "fault": fault, "anchor": anchor_id(anchor),
+                             "response_format": body.get("response_format"), "start": time.monotonic()}
+                    owner.log.append(entry)
                     owner.authorizations.add(self.headers.get("Authorization", ""))
+                if fault == "rate_limited":  # at once, as a real rate limiter does
+                    entry["end"] = entry["start"]
+                    return self._send(429, b'{"error": {"message": "Rate limit reached", "type": "requests"}}',
+                                      {"retry-after-ms": str(int(1000 * wait) + 1)})
                 if owner.delay:
                     time.sleep(owner.delay)
+                entry["end"] = time.monotonic()
                 if fault == "429":
                     return self._send(429, b'{"error": {"message": "Rate limit reached", "type": "requests"}}',
                                       {"Retry-After": owner.retry_after})
@@ -228,7 +275,9 @@ class FaultyOpenAIServer:
                         owner.answered[anchor_id(anchor)] += 1
                 return self._send(200, json.dumps(payload).encode())
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        # The default backlog of 5 refuses connections when dozens of requests open at once.
+        server_class = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256})
+        self._server = server_class(("127.0.0.1", free_port()), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self

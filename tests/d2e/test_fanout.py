@@ -1,0 +1,99 @@
+"""The `shards` fan-out (d2e/fanout.py, components/shards.py): the split of the chunks, the merge's order, the
+compiled graph of both targets, and a real kfp.local run whose merged output with 2 shards equals that with 1."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from components.common import ANCHOR_VECTOR, CHUNK_ID, EMBEDDED_EMBEDDING_MODEL, SPLITS
+from components.shards import merge_rows, shard_of, shard_rows
+from d2e.fanout import run_fan_out_locally
+from d2e.targets import TARGETS
+from pipeline import compile_pipeline
+from tests.conftest import PROJECT_ROOT, write_chunk_folder
+from tests.support.servers import FaultyOpenAIServer
+
+
+def test_every_chunk_goes_to_exactly_one_shard_the_same_on_every_call():
+    frame = pd.DataFrame({CHUNK_ID: [f"chunk-{number}" for number in range(200)], "text": range(200)})
+    parts = [shard_rows(frame, shard, 4) for shard in range(4)]
+    assert sorted(id_ for part in parts for id_ in part[CHUNK_ID]) == sorted(frame[CHUNK_ID])
+    assert all(len(part) > 20 for part in parts)  # a hash spreads them
+    assert [shard_of(f"chunk-{number}", 4) for number in range(20)] == \
+           [shard_of(f"chunk-{number}", 4) for number in range(20)]
+    assert shard_rows(frame, 0, 1) is frame
+
+
+def test_the_merge_restores_load_docs_order_and_keeps_a_chunks_rows_in_order(tmp_path):
+    chunks = pd.DataFrame({CHUNK_ID: ["c", "a", "b"], "text": ["C", "A", "B"]})
+    docs = write_chunk_folder(tmp_path / "docs", chunks, chunks.iloc[:1])
+    rows = pd.DataFrame({CHUNK_ID: ["c", "c", "a", "a", "b", "b"], "query": range(6)})
+    parts = [write_chunk_folder(tmp_path / f"part{shard}", shard_rows(rows, shard, 2), shard_rows(rows.iloc[:2],
+                                                                                                 shard, 2))
+             for shard in range(2)]
+    merged = merge_rows(parts, docs)
+    assert merged["train"]["query"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert merged["test"]["query"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_generate_and_embed_run_inside_one_parallel_for_and_are_merged(target, tmp_path):
+    path = compile_pipeline(tmp_path / "pipeline.yaml", target)
+    spec = next(yaml.safe_load_all(path.read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    loop = next(task for name, task in tasks.items() if name.startswith("for-loop"))
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("shard-list-component-Output")
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(body) == {"generate-queries-component", "embed-score-component"}
+    assert body["generate-queries-component"]["inputs"]["parameters"]["shard"]["componentInputParameter"]
+    # Every parameter a task inside the loop reads reaches the loop (KFP 2.17 forgets the accelerator's by itself).
+    loop_inputs = set(spec["components"][loop["componentRef"]["name"]]["inputDefinitions"]["parameters"])
+    for task in body.values():
+        for value in task["inputs"]["parameters"].values():
+            assert value.get("componentInputParameter", next(iter(loop_inputs))) in loop_inputs
+    for merge, output in (("merge-triplets-component", "triplets"), ("merge-scored-component", "scored")):
+        assert tasks[merge]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]["producerTask"] == \
+            loop["taskInfo"]["name"]
+        assert tasks[merge]["inputs"]["artifacts"]["docs"]["taskOutputArtifact"]["producerTask"] == \
+            "load-docs-component"
+    mined_from = tasks["mine-negatives-component"]["inputs"]["artifacts"]["scored"]["taskOutputArtifact"]
+    assert mined_from == {"outputArtifactKey": "scored", "producerTask": "merge-scored-component"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["shards"]["defaultValue"] == 1
+
+
+def run_locally(root: Path, chunks: Path, server: FaultyOpenAIServer, shards: int) -> dict[str, pd.DataFrame]:
+    """One kfp.local run of load_docs and the fan-out; the merged scored rows per split."""
+    merged = run_fan_out_locally(root, dataset=str(chunks), llm="openai:test-model", llm_base_url=server.base_url,
+                                 llm_cache_uri=str(root / "llm-cache"), queries_per_chunk=2, llm_concurrency=4,
+                                 llm_prices='{"test-model": [1.0, 2.0]}', embedding_model=EMBEDDED_EMBEDDING_MODEL,
+                                 shards=shards)
+    return {split: pd.read_parquet(merged / f"{split}.parquet") for split in SPLITS}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # twelve kfp.local tasks: about 2 minutes alone, far more on a shared machine
+def test_two_shards_write_what_one_writes_row_for_row(tmp_path, small_chunks, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
+    server = FaultyOpenAIServer().start()
+    try:
+        one = run_locally(tmp_path / "one", small_chunks, server, shards=1)
+        two = run_locally(tmp_path / "two", small_chunks, server, shards=2)
+    finally:
+        server.stop()
+    shard_outputs = list((tmp_path / "two").glob("*/for-loop-*-iteration-*/generate-queries-component/triplets"))
+    assert len(shard_outputs) == 2
+    assert all(len(pd.read_parquet(folder / "train.parquet")) for folder in shard_outputs)  # both shards worked
+    for split in SPLITS:
+        assert list(two[split].columns) == list(one[split].columns)
+        assert two[split][CHUNK_ID].tolist() == one[split][CHUNK_ID].tolist()
+        floats = [column for column in one[split].columns if one[split][column].dtype.kind == "f"]
+        exact = [column for column in one[split].columns if column not in floats and column != ANCHOR_VECTOR]
+        pd.testing.assert_frame_equal(two[split][exact], one[split][exact])
+        # The same texts encoded in other batches: equal up to float rounding.
+        pd.testing.assert_frame_equal(two[split][floats], one[split][floats], rtol=1e-5)
+        np.testing.assert_allclose(np.stack(two[split][ANCHOR_VECTOR]), np.stack(one[split][ANCHOR_VECTOR]),
+                                   atol=1e-5)
