@@ -18,6 +18,8 @@ from components.shards import merge_scored_component, merge_triplets_component, 
 from d2e.parameters import group_specs, stage_arguments
 from d2e.targets import configure_task, gpu_parameters, hidden_parameters, request_gpu, secret_arguments
 
+# Bookkeeping tasks around the fan-out: the local run's console does not count them as stages.
+HELPER_TASKS = ("shard-list-component", "merge-triplets-component", "merge-scored-component")
 # A merge holds every row of a split in memory (as mine_negatives does next): about 2.5 GB per 100,000 rows with
 # 1,024-dimensional anchor vectors.
 MERGE_MEMORY = "32G"

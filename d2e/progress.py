@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, TextIO
 
 from components.progress import format_progress, progress_details, progress_interval
+from d2e.fanout import HELPER_TASKS
 
 # kfp.local's own lines (kfp 2.17, pinned) that say a task starts and ends, once the colour codes are removed.
 TASK_STARTED = re.compile(r"Executing task '([^']+)'")
@@ -40,23 +41,33 @@ def stage_of(task: str) -> str:
 
 
 def pipeline_upstream(pipeline: Any) -> dict[str, list[str]]:
-    """Task name -> the tasks it depends on, from the compiled pipeline's DAG."""
-    return {name: list(task.dependent_tasks) for name, task in pipeline.pipeline_spec.root.dag.tasks.items()}
+    """Task name -> the tasks it depends on, from the compiled pipeline's DAG; the tasks inside a ParallelFor (the
+    shards' loop) stand in for the loop, with its dependencies added to their own."""
+    spec = pipeline.pipeline_spec
+    upstream: dict[str, list[str]] = {}
+    for name, task in spec.root.dag.tasks.items():
+        inner = spec.components[task.component_ref.name].dag.tasks if name.startswith("for-loop") else None
+        if inner:
+            for inner_name, inner_task in inner.items():
+                upstream[inner_name] = list(task.dependent_tasks) + list(inner_task.dependent_tasks)
+        else:
+            upstream[name] = list(task.dependent_tasks)
+    return upstream
 
 
-def dataset_rows(task_dir: Optional[Path]) -> Optional[int]:
-    """Rows in the parquet files of a task's output artifacts (None when it wrote no dataset)."""
+def dataset_rows(task_dirs: list[Path]) -> Optional[int]:
+    """Rows in the parquet files of a task's output artifacts, over all its shards (None: it wrote no dataset)."""
     import pyarrow.parquet as pq
 
-    files = sorted(task_dir.glob("*/*.parquet")) if task_dir else []
+    files = sorted(path for task_dir in task_dirs for path in task_dir.glob("*/*.parquet"))
     return sum(pq.read_metadata(path).num_rows for path in files) if files else None
 
 
-def source_rows(task_dir: Optional[Path]) -> Optional[int]:
+def source_rows(task_dirs: list[Path]) -> Optional[int]:
     """Rows a first stage read from its source (`rows_read` per split in its stats.json), if it says."""
     import json
 
-    for path in sorted(task_dir.glob("*/stats.json")) if task_dir else []:
+    for path in sorted(path for task_dir in task_dirs for path in task_dir.glob("*/stats.json")):
         splits = json.loads(path.read_text()).get("splits") or {}
         counts = [split.get("rows_read") for split in splits.values() if isinstance(split, dict)]
         if counts and all(isinstance(count, int) for count in counts):
@@ -92,6 +103,8 @@ class RunConsole:
         self.interactive = (self.rich.is_terminal and not self.rich.is_dumb_terminal) if interactive is None \
             else interactive
         self.stages: dict[str, StageRun] = {}
+        self.stage_count = len([task for task in upstream if task not in HELPER_TASKS])
+        self.running: dict[str, int] = {}  # task -> its instances running now (one per shard)
         self.finished: dict[str, Optional[int]] = {}  # task -> rows out, in the order tasks finished
         self.failed: list[str] = []
         self.current: Optional[StageRun] = None
@@ -168,9 +181,15 @@ class RunConsole:
 
     # -- stages ----------------------------------------------------------------------------------------------
 
-    def _task_dir(self, task: str) -> Optional[Path]:
+    def _task_dirs(self, task: str) -> list[Path]:
+        """The task's output folders in the latest run: one, or one per shard (`for-loop-*-iteration-*/TASK`)."""
         candidates = [path for path in self.pipeline_root.glob(f"*/{task}") if path.is_dir()]
-        return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
+        candidates += [path for path in self.pipeline_root.glob(f"*/for-loop-*/{task}") if path.is_dir()]
+        if not candidates:
+            return []
+        run = max((path for path in candidates), key=lambda path: path.stat().st_mtime)
+        run_dir = run.parent if run.parent.parent == self.pipeline_root else run.parent.parent
+        return [path for path in candidates if run_dir in path.parents]
 
     def _rows_in(self, task: str) -> Optional[int]:
         upstream = [name for name in self.finished if name in self.upstream.get(task, ())]
@@ -178,26 +197,37 @@ class RunConsole:
         return counts[-1] if counts else None  # the rows of the latest upstream stage that wrote a dataset
 
     def _started(self, task: str) -> None:
-        number = len(self.stages) + 1
+        self.running[task] = self.running.get(task, 0) + 1
+        if task in self.stages:  # another shard of a stage already under way
+            self.current = self.stages[task]
+            return
+        helper = task in HELPER_TASKS
+        number = len([name for name in self.stages if name not in HELPER_TASKS]) + (0 if helper else 1)
         run = StageRun(task, number, time.monotonic(), self._rows_in(task))
         self.stages[task] = self.current = run
-        rows = f" ({_rows(run.rows_in)} rows in)" if run.rows_in is not None else ""
-        self.say(f"[{number}/{len(self.upstream)}] {stage_of(task)} started{rows}")
+        if not helper:
+            rows = f" ({_rows(run.rows_in)} rows in)" if run.rows_in is not None else ""
+            self.say(f"[{number}/{self.stage_count}] {stage_of(task)} started{rows}")
 
     def _finished(self, task: str, status: str) -> None:
         run = self.stages.get(task) or StageRun(task, len(self.stages) + 1, time.monotonic(), None)
+        self.running[task] = max(0, self.running.get(task, 1) - 1)
+        if status == "SUCCESS" and self.running[task]:
+            return  # other shards of this stage still run: it is done when the last one is
         seconds = time.monotonic() - run.started
         stage = stage_of(task)
         if stage in self.bar_tasks:
             self.bar.remove_task(self.bar_tasks.pop(stage))
             self.close()
-        task_dir = self._task_dir(task)
-        rows_out = dataset_rows(task_dir)
+        task_dirs = self._task_dirs(task)
+        rows_out = dataset_rows(task_dirs)
         self.finished[task] = rows_out
-        rows_in = run.rows_in if run.rows_in is not None or self.upstream.get(task) else source_rows(task_dir)
-        head = f"[{run.number}/{len(self.upstream)}] {stage}"
+        rows_in = run.rows_in if run.rows_in is not None or self.upstream.get(task) else source_rows(task_dirs)
+        helper = task in HELPER_TASKS
+        head = stage if helper else f"[{run.number}/{self.stage_count}] {stage}"
         if status == "SUCCESS":
-            self.say(f"{head} done in {seconds:.1f} s: {_rows(rows_in)} rows in, {_rows(rows_out)} rows out")
+            if not helper:
+                self.say(f"{head} done in {seconds:.1f} s: {_rows(rows_in)} rows in, {_rows(rows_out)} rows out")
         else:
             self.failed.append(stage)
             self.say(f"{head} FAILED after {seconds:.1f} s. Its last lines:")

@@ -44,6 +44,7 @@ class Attempt:
     error: Optional[str] = None  # set when no reply came back (a failed request, an unfinished batch job)
     retries: int = 0  # requests repeated after transport faults before this result
     job_unfinished: bool = False  # a Batch API job still running: the next run collects it, not another attempt
+    sent: bool = True  # False: the last request never went out (the connection breaker opened while it waited)
 
     @classmethod
     def from_output(cls, output: dict[str, Any], retries: int = 0) -> "Attempt":

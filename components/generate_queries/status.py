@@ -44,7 +44,7 @@ def new_status(model_label: str, error: Optional[str] = None) -> dict[str, Any]:
 def record_attempt(row: dict[str, Any], number: int, attempt: Attempt) -> None:
     """Count one attempt on the row: its requests (retries included) and tokens."""
     row["generation_attempts"] = number
-    row["generation_requests"] += 1 + attempt.retries
+    row["generation_requests"] += int(attempt.sent) + attempt.retries
     row["llm_retries"] += attempt.retries
     row["prompt_tokens"] += attempt.prompt_tokens
     row["completion_tokens"] += attempt.completion_tokens

@@ -241,6 +241,8 @@ class QueryTripletTask(GenerateSentencePair):
                     retries = attempt.retry_state.attempt_number - 1
                     # A slot per HTTP request: a request waiting out its backoff holds none.
                     async with self._slots.slot():
+                        if self._breaker.open:  # it opened while this request waited for a slot: send nothing
+                            return Attempt(error=self._breaker.reason, retries=retries, sent=False)
                         output = await self._counted(self.llm.agenerate(input=messages, num_generations=1,
                                                                         **kwargs))
         except Exception as error:  # noqa: BLE001 - classified by retry_delay; recorded on the row
