@@ -7,7 +7,6 @@ shard), and gathers every shard's output with `dsl.Collected` into `merge_triple
 row (the same LLM cache gives the same answers), and recomputes the stage's statistics over the merged rows.
 """
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, List
@@ -15,20 +14,7 @@ from typing import Any, List
 from kfp.dsl import Dataset, Input, Output
 
 from components.common import CHUNK_ID, read_json, read_splits, stage_component, write_json, write_splits
-
-
-def shard_of(chunk_id: str, shards: int) -> int:
-    """The shard a chunk belongs to: a stable hash of its id (the same on every machine and run), modulo `shards`."""
-    digest = hashlib.sha256(str(chunk_id).encode()).digest()
-    return int.from_bytes(digest[:8], "big") % max(1, shards)
-
-
-def shard_rows(frame: Any, shard: int, shards: int) -> Any:
-    """The rows of a chunk frame that belong to `shard` (all of them when there is one shard)."""
-    if shards <= 1:
-        return frame
-    keep = [shard_of(chunk_id, shards) == shard for chunk_id in frame[CHUNK_ID]]
-    return frame[keep].reset_index(drop=True)
+from components.sharding import shard_of, shard_rows  # noqa: F401 - part of this module's interface
 
 
 def merge_rows(part_dirs: list[str | os.PathLike], docs_dir: str | os.PathLike) -> dict[str, Any]:

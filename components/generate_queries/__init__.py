@@ -14,7 +14,6 @@ distilabel), `run` (a whole run), `component` (KFP).
 """
 
 from components.generate_queries.cache import CACHE_SCHEMA_VERSION, RowCache, open_cache
-from components.generate_queries.component import generate_queries_component
 from components.generate_queries.cost import (
     BATCH_DISCOUNT,
     DEFAULT_EXPECTED_COMPLETION_TOKENS,
@@ -61,6 +60,17 @@ from components.generate_queries.validation import (
     restates_instructions,
     validate_pair,
 )
+
+
+def __getattr__(name: str):
+    # The KFP component is imported on first use: kfp takes seconds to import, and distilabel's spawned workers
+    # import this package (to unpickle the task) but never the component.
+    if name == "generate_queries_component":
+        from components.generate_queries.component import generate_queries_component
+
+        return generate_queries_component
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BATCH_DISCOUNT", "CACHE_SCHEMA_VERSION", "DEFAULT_BATCH_MAX_WAIT", "DEFAULT_CONCURRENCY", "DEFAULT_CONTEXT",

@@ -20,7 +20,7 @@ from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, pa
 from components.generate_queries.settings import GenerationSettings, GenerationTuning
 from components.generate_queries.status import GENERATED_COLUMNS, from_transport, new_status
 from components.settings import as_dict
-from components.shards import shard_rows
+from components.sharding import shard_rows
 
 log = get_logger("generate_queries")
 
