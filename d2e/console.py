@@ -21,6 +21,23 @@ from typing import Any, Callable, Iterator, TextIO
 POLL_SECONDS = 0.2
 
 
+@contextlib.contextmanager
+def print_restored() -> Iterator[None]:
+    """Give `print` back as it was after a kfp.local run.
+
+    kfp.local (2.17) indents a task's output by replacing `builtins.print` for the task and restoring what it found;
+    the iterations of a ParallelFor (shards) run in threads, so one can "restore" another's indenting print, and every
+    later print in the process (the run's summary) would be indented.
+    """
+    import builtins
+
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original
+
+
 def terminal_stream() -> TextIO:
     """A text stream on a copy of the current stderr: the terminal, whatever later happens to descriptor 2."""
     encoding = getattr(sys.stderr, "encoding", None) or "utf-8"

@@ -87,6 +87,9 @@ def run_fan_out_locally(pipeline_root: Path, **arguments) -> Path:
     """
     from kfp import local
 
+    from d2e.console import print_restored
+
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    fan_out_pipeline()(**arguments)
+    with print_restored():
+        fan_out_pipeline()(**arguments)
     return next(Path(pipeline_root).glob("*/merge-scored-component/scored"))

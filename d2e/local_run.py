@@ -16,6 +16,7 @@ from components.evaluate import format_table
 from components.generate_queries import default_failure_rate
 from components.publish import ARGILLA_API_KEY_ENV
 from components.report import generation_sentence
+from d2e.console import print_restored
 from d2e.outputs import StagedOutputs
 from d2e.parameters import group_specs
 from d2e.preflight import check_run
@@ -109,7 +110,7 @@ def _run_staged(values: dict, given: set, args: argparse.Namespace, staged: Stag
     # The cluster-only settings (GPU request, secret names) mean nothing to kfp.local: their defaults stay.
     cluster_only = {spec.name for spec in group_specs("target")}
     try:
-        with watch_run(output_dir, pipeline_root, docs_to_embedding_data, args.verbose):
+        with print_restored(), watch_run(output_dir, pipeline_root, docs_to_embedding_data, args.verbose):
             docs_to_embedding_data(**{spec.name: values[spec.name] for spec in pipeline_specs("kfp")
                                       if spec.name not in cluster_only})
     except RuntimeError as error:

@@ -133,8 +133,10 @@ def test_ctrl_c_is_a_short_message_and_exit_status_130(tmp_path):
     code = ("import sys, time\nfrom d2e import cli\n"
             "cli.dispatch = lambda args: (print('ready', flush=True), time.sleep(600))\n"
             "sys.exit(cli.main(['compile']))")
+    # As from a terminal: SIGINT at its default (a pytest-xdist worker ignores it, and a child inherits that).
     process = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout.readline().strip() == "ready"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)

@@ -97,3 +97,23 @@ def test_two_shards_write_what_one_writes_row_for_row(tmp_path, small_chunks, mo
         pd.testing.assert_frame_equal(two[split][floats], one[split][floats], rtol=1e-5)
         np.testing.assert_allclose(np.stack(two[split][ANCHOR_VECTOR]), np.stack(one[split][ANCHOR_VECTOR]),
                                    atol=1e-5)
+
+
+def test_print_is_given_back_when_overlapping_iterations_swapped_it():
+    import builtins
+
+    from kfp.local import logging_utils
+
+    from d2e.console import print_restored
+
+    original = builtins.print
+    # What kfp.local does around each ParallelFor iteration, two overlapping in threads: each saves the print it finds
+    # and puts it back, so when the first to start is the first to end, the second leaves its indenting print behind.
+    first, second = logging_utils.indented_print(), logging_utils.indented_print()
+    with print_restored():
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)
+        assert builtins.print is not original
+    assert builtins.print is original
