@@ -23,19 +23,23 @@ def triplets(rows):
     return frame
 
 
-def test_each_distinct_text_is_encoded_once(model):
-    calls = []
-    original = model.encode
+def embed_recording_batches(model, texts, **kwargs):
+    """embed_texts' result and the batches it handed to `model.encode`, in order (the real encode does the work)."""
+    calls, original = [], model.encode
 
-    def counting_encode(texts, **kwargs):
-        calls.append(list(texts))
-        return original(texts, **kwargs)
+    def recording_encode(batch, **encode_kwargs):
+        calls.append(list(batch))
+        return original(batch, **encode_kwargs)
 
-    model.encode = counting_encode
+    model.encode = recording_encode
     try:
-        index, vectors = embed_texts(model, ["a", "b", "a", "c", "b"])
+        return embed_texts(model, texts, **kwargs), calls
     finally:
         model.encode = original
+
+
+def test_each_distinct_text_is_encoded_once(model):
+    (index, vectors), calls = embed_recording_batches(model, ["a", "b", "a", "c", "b"])
     assert sorted(text for call in calls for text in call) == ["a", "b", "c"]
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
@@ -43,21 +47,10 @@ def test_each_distinct_text_is_encoded_once(model):
 
 def test_batches_are_cut_by_token_count_and_vectors_keep_their_texts(model):
     texts = ["word " * n for n in (3, 40, 1, 25, 7, 60, 2)]
-    calls = []
-    original = model.encode
-
-    def recording_encode(batch, **kwargs):
-        calls.append(list(batch))
-        return original(batch, **kwargs)
-
-    model.encode = recording_encode
-    try:
-        index, vectors = embed_texts(model, texts, batch_size=2)
-    finally:
-        model.encode = original
+    (index, vectors), calls = embed_recording_batches(model, texts, batch_size=2)
     # Longest first, two at a time: each batch pads only to its own longest text.
     assert [[len(text.split()) for text in batch] for batch in calls] == [[60, 40], [25, 7], [3, 2], [1]]
-    one_by_one = original(texts, batch_size=1, normalize_embeddings=True, convert_to_numpy=True)
+    one_by_one = model.encode(texts, batch_size=1, normalize_embeddings=True, convert_to_numpy=True)
     assert np.allclose(vectors[[index[text] for text in texts]], one_by_one, atol=1e-5)
 
 
