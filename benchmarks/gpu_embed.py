@@ -98,8 +98,8 @@ def timed(function: Callable, device: str) -> float:
 def padded_tokens(lengths: list[int], batch_size: int, order: list[int]) -> int:
     """Tokens the model processes when the texts go in `order`, `batch_size` at a time, each batch padded to its
     longest text."""
-    return sum(max(lengths[i] for i in order[first:first + batch_size]) * len(order[first:first + batch_size])
-               for first in range(0, len(order), batch_size))
+    batches = (order[first:first + batch_size] for first in range(0, len(order), batch_size))
+    return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
 
 
 def seed_order(texts: list[str]) -> list[int]:

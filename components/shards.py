@@ -14,7 +14,6 @@ from typing import Any, List
 from kfp.dsl import Dataset, Input, Output
 
 from components.common import CHUNK_ID, read_json, read_splits, stage_component, write_json, write_splits
-from components.sharding import shard_of, shard_rows  # noqa: F401 - part of this module's interface
 
 
 def merge_rows(part_dirs: list[str | os.PathLike], docs_dir: str | os.PathLike) -> dict[str, Any]:

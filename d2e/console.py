@@ -38,6 +38,17 @@ def print_restored() -> Iterator[None]:
         builtins.print = original
 
 
+@contextlib.contextmanager
+def kfp_local(pipeline_root: Path) -> Iterator[None]:
+    """Around running a pipeline with kfp.local: each task a subprocess of this environment, its outputs under
+    `pipeline_root`, a failed task raising; `print` is given back afterwards (see print_restored)."""
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    with print_restored():
+        yield
+
+
 def terminal_stream() -> TextIO:
     """A text stream on a copy of the current stderr: the terminal, whatever later happens to descriptor 2."""
     encoding = getattr(sys.stderr, "encoding", None) or "utf-8"

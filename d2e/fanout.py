@@ -85,11 +85,8 @@ def run_fan_out_locally(pipeline_root: Path, **arguments) -> Path:
 
     The stages import this project: PYTHONPATH must hold its root (as `pipeline.py run` sets it).
     """
-    from kfp import local
+    from d2e.console import kfp_local
 
-    from d2e.console import print_restored
-
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    with print_restored():
+    with kfp_local(pipeline_root):
         fan_out_pipeline()(**arguments)
     return next(Path(pipeline_root).glob("*/merge-scored-component/scored"))

@@ -16,7 +16,7 @@ from components.evaluate import format_table
 from components.generate_queries import default_failure_rate
 from components.publish import ARGILLA_API_KEY_ENV
 from components.report import generation_sentence
-from d2e.console import print_restored
+from d2e.console import kfp_local
 from d2e.outputs import StagedOutputs
 from d2e.parameters import group_specs
 from d2e.preflight import check_run
@@ -90,8 +90,6 @@ def run_locally(values: dict, given: set, args: argparse.Namespace) -> int:
 
 
 def _run_staged(values: dict, given: set, args: argparse.Namespace, staged: StagedOutputs) -> int:
-    from kfp import local
-
     from d2e.parameters import pipeline_specs
     from pipeline import PIPELINE_NAME, docs_to_embedding_data
 
@@ -105,12 +103,11 @@ def _run_staged(values: dict, given: set, args: argparse.Namespace, staged: Stag
     print(f"Running {PIPELINE_NAME} locally\n  dataset: {values['dataset']}\n  llm: {values['llm']}\n  embedding "
           f"model: {values['embedding_model']}\n  LLM cache: {values['llm_cache_uri'] or 'off'}\n  output: "
           f"{output_dir}", flush=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     started = time.time()
     # The cluster-only settings (GPU request, secret names) mean nothing to kfp.local: their defaults stay.
     cluster_only = {spec.name for spec in group_specs("target")}
     try:
-        with print_restored(), watch_run(output_dir, pipeline_root, docs_to_embedding_data, args.verbose):
+        with kfp_local(pipeline_root), watch_run(output_dir, pipeline_root, docs_to_embedding_data, args.verbose):
             docs_to_embedding_data(**{spec.name: values[spec.name] for spec in pipeline_specs("kfp")
                                       if spec.name not in cluster_only})
     except RuntimeError as error:

@@ -187,7 +187,7 @@ class RunConsole:
         candidates += [path for path in self.pipeline_root.glob(f"*/for-loop-*/{task}") if path.is_dir()]
         if not candidates:
             return []
-        run = max((path for path in candidates), key=lambda path: path.stat().st_mtime)
+        run = max(candidates, key=lambda path: path.stat().st_mtime)
         run_dir = run.parent if run.parent.parent == self.pipeline_root else run.parent.parent
         return [path for path in candidates if run_dir in path.parents]
 

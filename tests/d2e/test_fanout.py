@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from components.common import ANCHOR_VECTOR, CHUNK_ID, EMBEDDED_EMBEDDING_MODEL, SPLITS
-from components.shards import merge_rows, shard_of, shard_rows
+from components.sharding import shard_of, shard_rows
+from components.shards import merge_rows
 from d2e.fanout import run_fan_out_locally
 from d2e.targets import TARGETS
 from pipeline import compile_pipeline
