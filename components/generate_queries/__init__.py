@@ -63,7 +63,7 @@ from components.generate_queries.validation import (
 
 
 def __getattr__(name: str):
-    # The KFP component is imported on first use: kfp takes seconds to import, and distilabel's spawned workers
+    # The KFP component is imported on first use: kfp takes seconds to import, and distilabel's worker processes
     # import this package (to unpickle the task) but never the component.
     if name == "generate_queries_component":
         from components.generate_queries.component import generate_queries_component

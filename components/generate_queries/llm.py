@@ -168,7 +168,8 @@ def build_llm(spec: LLMSpec, n_ctx: int = 4096, timeout: float = DEFAULT_REQUEST
     plain_tracebacks()  # importing distilabel installed rich tracebacks that print every local variable
     if spec.provider == "llamacpp":
         # Every core: generation is compute-bound (measured: 127 tok/s with 2 threads vs 99 with 1 on 2 cores).
-        # distilabel's workers are spawned, not forked, so llama.cpp's thread pool starts clean.
+        # distilabel's workers are forked from a clean fork server (run_in_clean_workers), so llama.cpp's thread
+        # pool starts clean.
         return LlamaCppLLM(model_path=spec.model, n_ctx=n_ctx, seed=0, verbose=False,
                            extra_kwargs={"n_threads": os.cpu_count() or 1})
     base_url = base_url or os.environ.get("OPENAI_BASE_URL", "")

@@ -184,7 +184,7 @@ def _run_distilabel(records: list[dict[str, Any]], spec: LLMSpec, settings: Gene
                              concurrency_stats_path=str(limit_path))
             loader >> task
         # distilabel's own cache is per pipeline run; the row cache is what makes re-runs free.
-        distiset = run_with_spawned_workers(lambda: pipeline.run(use_cache=False))
+        distiset = run_in_clean_workers(lambda: pipeline.run(use_cache=False))
         concurrency = json.loads(limit_path.read_text()) if spec.provider == "openai" and limit_path.exists() else None
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -205,25 +205,43 @@ def batch_size_for(settings: GenerationSettings, spec: LLMSpec) -> int:
     return max(settings.generation_batch_size, BATCH_CONCURRENCY_MULTIPLE * settings.llm_concurrency)
 
 
-def run_with_spawned_workers(run: Callable[[], Any]) -> Any:
-    """Run distilabel with worker processes started by "spawn" instead of Linux's default "fork".
+# What distilabel's worker processes import: the fork server imports it once, so each worker starts without paying
+# for it (about 4 s of CPU a worker on this kind of machine; a run starts several, and a test session many runs).
+WORKER_PRELOAD = ("distilabel.pipeline.local", "components.generate_queries.task", "components.generate_queries.llm")
+# The environment the running fork server was started with (its workers get that one, not the caller's current one).
+_fork_server_environment: Optional[int] = None
 
-    A forked worker inherits the parent's thread pools and locks in whatever state they were: in a process that had
-    already used torch (a test session, a notebook), the llama.cpp step worker deadlocked at 0% CPU. Spawned workers
-    start clean (and import the task class by its module path). distilabel 1.5 fixes its pool's context class at
-    import time, so that class is swapped for the duration of the run.
+
+def run_in_clean_workers(run: Callable[[], Any]) -> Any:
+    """Run distilabel with worker processes forked from a clean fork server instead of from this process.
+
+    A worker forked from this process (Linux's default) inherits its thread pools and locks in whatever state they
+    were: in a process that had already used torch (a test session, a notebook), the llama.cpp step worker
+    deadlocked at 0% CPU. The "forkserver" method forks workers from a fresh single-threaded Python that has
+    imported only WORKER_PRELOAD, so they start clean (as "spawn" would) without importing distilabel again each
+    (which "spawn" does). A forked worker keeps the fork server's environment, so a server started under another
+    environment (a key set since, a test's settings) is stopped and started again. distilabel 1.5 fixes its pool's
+    context class at import time, so that class is swapped for the duration of the run.
     """
     import multiprocessing
+    from multiprocessing import forkserver
 
     from distilabel.pipeline import local as distilabel_local
 
-    class SpawnNoDaemonContext(type(multiprocessing.get_context("spawn"))):
+    global _fork_server_environment
+    environment = hash(frozenset(os.environ.items()))
+    if _fork_server_environment not in (None, environment):
+        forkserver._forkserver._stop()  # the next worker starts a fresh server with today's environment
+    _fork_server_environment = environment
+    multiprocessing.set_forkserver_preload(list(WORKER_PRELOAD))
+
+    class ForkServerNoDaemonContext(type(multiprocessing.get_context("forkserver"))):
         Process = distilabel_local._NoDaemonProcess
 
     previous_context = distilabel_local._NoDaemonContext
     previous_method = multiprocessing.get_start_method(allow_none=True)
-    distilabel_local._NoDaemonContext = SpawnNoDaemonContext
-    multiprocessing.set_start_method("spawn", force=True)
+    distilabel_local._NoDaemonContext = ForkServerNoDaemonContext
+    multiprocessing.set_start_method("forkserver", force=True)
     try:
         return run()
     finally:

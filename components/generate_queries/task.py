@@ -1,7 +1,7 @@
 """The distilabel task: GenerateSentencePair with JSON output, validation, bounded regeneration, retries and a cache.
 
 Importing this module imports distilabel (over a second), so the package imports it only where a run needs it.
-distilabel's spawned workers import `QueryTripletTask` from here by its module path.
+distilabel's worker processes import `QueryTripletTask` from here by its module path (the fork server preloads it).
 """
 
 import asyncio

@@ -1,6 +1,7 @@
 """generate_queries: parsing and validation rules, and real runs with the embedded llama.cpp model."""
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -151,3 +152,37 @@ def test_every_styles_reply_schema_compiles_to_a_llama_cpp_grammar(style):
     sampler = llama_cpp.llama_sampler_init_grammar(model._model.vocab, grammar._grammar.encode(), b"root")  # noqa: SLF001
     assert sampler, f"llama.cpp cannot parse the grammar of the {style!r} style's reply schema"
     llama_cpp.llama_sampler_free(sampler)
+
+
+def worker_view(_):
+    """What a distilabel worker process sees (run in the worker)."""
+    import sys
+
+    return os.getpid(), os.getppid(), os.environ.get("D2E_WORKER_PROBE"), "tests_parent_only_module" in sys.modules
+
+
+def run_probe_in_workers():
+    from distilabel.pipeline import local as distilabel_local
+
+    pool = distilabel_local._NoDaemonPool(1)  # the pool class distilabel starts its step workers with
+    try:
+        return pool.map(worker_view, [0])[0]
+    finally:
+        pool.terminate()
+
+
+def test_workers_start_clean_from_a_fork_server_with_the_callers_current_environment(monkeypatch):
+    import sys
+    import types
+
+    from components.generate_queries.run import run_in_clean_workers
+
+    monkeypatch.setitem(sys.modules, "tests_parent_only_module", types.ModuleType("tests_parent_only_module"))
+    monkeypatch.setenv("D2E_WORKER_PROBE", "first")
+    pid, parent, probe, inherited = run_in_clean_workers(run_probe_in_workers)
+    # Not forked from this process (nothing of its state, threads or modules), and not this process either.
+    assert pid != os.getpid() and parent != os.getpid() and not inherited and probe == "first"
+    again = run_in_clean_workers(run_probe_in_workers)
+    assert again[1] == parent  # the same fork server serves the next run
+    monkeypatch.setenv("D2E_WORKER_PROBE", "second")  # a key or setting set since the server started
+    assert run_in_clean_workers(run_probe_in_workers)[2] == "second"

@@ -202,7 +202,7 @@ def test_tokens_are_counted_per_row_and_priced_in_the_summary(make_task):
     assert summarise({"train": frame}, SPEC)["estimated_cost_usd"] is None  # no price known
 
 
-def test_the_task_pickles_by_its_module_path_for_spawned_workers(make_task):
+def test_the_task_pickles_by_its_module_path_for_worker_processes(make_task):
     task = make_task({"install": [GOOD["install"]]}, load=False)  # distilabel sends it to a worker unloaded
     assert (QueryTripletTask.__module__, QueryTripletTask.__qualname__) == ("components.generate_queries.task",
                                                                             "QueryTripletTask")
