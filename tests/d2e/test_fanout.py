@@ -1,5 +1,6 @@
 """The `shards` fan-out (d2e/fanout.py, components/shards.py): the split of the chunks, the merge's order, the
-compiled graph of both targets, and a real kfp.local run whose merged output with 2 shards equals that with 1."""
+compiled graph of both targets, and a real kfp.local run whose merged output with 2 shards equals what the
+stages write unsharded."""
 
 from pathlib import Path
 
@@ -65,23 +66,47 @@ def test_generate_and_embed_run_inside_one_parallel_for_and_are_merged(target, t
     assert spec["root"]["inputDefinitions"]["parameters"]["shards"]["defaultValue"] == 1
 
 
+SETTINGS = dict(llm="openai:test-model", queries_per_chunk=2, llm_concurrency=4,
+                llm_prices='{"test-model": [1.0, 2.0]}')
+
+
+def read_splits_of(folder: Path) -> dict[str, pd.DataFrame]:
+    return {split: pd.read_parquet(folder / f"{split}.parquet") for split in SPLITS}
+
+
 def run_locally(root: Path, chunks: Path, server: FaultyOpenAIServer, shards: int) -> dict[str, pd.DataFrame]:
     """One kfp.local run of load_docs and the fan-out; the merged scored rows per split."""
-    merged = run_fan_out_locally(root, dataset=str(chunks), llm="openai:test-model", llm_base_url=server.base_url,
-                                 llm_cache_uri=str(root / "llm-cache"), queries_per_chunk=2, llm_concurrency=4,
-                                 llm_prices='{"test-model": [1.0, 2.0]}', embedding_model=EMBEDDED_EMBEDDING_MODEL,
-                                 shards=shards)
-    return {split: pd.read_parquet(merged / f"{split}.parquet") for split in SPLITS}
+    merged = run_fan_out_locally(root, dataset=str(chunks), llm_base_url=server.base_url,
+                                 llm_cache_uri=str(root / "llm-cache"), embedding_model=EMBEDDED_EMBEDDING_MODEL,
+                                 shards=shards, **SETTINGS)
+    return read_splits_of(merged)
+
+
+def run_unsharded(root: Path, chunks: Path, server: FaultyOpenAIServer) -> dict[str, pd.DataFrame]:
+    """The same stages called in this process, one after the other, without KFP: what `shards=1` computes."""
+    from components.embed_score import embed_score
+    from components.generate_queries import GenerationSettings, generate_queries
+    from components.load_docs import load_docs
+    from components.settings import build
+
+    load_docs(str(chunks), root / "docs")
+    settings = build(GenerationSettings, {**SETTINGS, "llm_base_url": server.base_url,
+                                          "llm_cache_uri": str(root / "llm-cache")})
+    generate_queries(root / "docs", root / "triplets", settings)
+    embed_score(root / "triplets", root / "scored", EMBEDDED_EMBEDDING_MODEL)
+    return read_splits_of(root / "scored")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # twelve kfp.local tasks: about 2 minutes alone, far more on a shared machine
-def test_two_shards_write_what_one_writes_row_for_row(tmp_path, small_chunks, monkeypatch):
+@pytest.mark.timeout(2400)  # eight kfp.local tasks: about a minute alone, far more on a shared machine
+def test_two_shards_write_what_the_unsharded_stages_write_row_for_row(tmp_path, small_chunks, monkeypatch):
+    # The reference is the stages called directly, not a `shards=1` pipeline run: the end-to-end test runs the
+    # whole pipeline with one shard, and a second kfp.local run here would cost six more task start-ups.
     monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
     server = FaultyOpenAIServer().start()
     try:
-        one = run_locally(tmp_path / "one", small_chunks, server, shards=1)
+        one = run_unsharded(tmp_path / "one", small_chunks, server)
         two = run_locally(tmp_path / "two", small_chunks, server, shards=2)
     finally:
         server.stop()
@@ -89,6 +114,7 @@ def test_two_shards_write_what_one_writes_row_for_row(tmp_path, small_chunks, mo
     assert len(shard_outputs) == 2
     assert all(len(pd.read_parquet(folder / "train.parquet")) for folder in shard_outputs)  # both shards worked
     for split in SPLITS:
+        assert len(one[split]) == 2 * len(pd.read_parquet(small_chunks / f"{split}.parquet"))
         assert list(two[split].columns) == list(one[split].columns)
         assert two[split][CHUNK_ID].tolist() == one[split][CHUNK_ID].tolist()
         floats = [column for column in one[split].columns if one[split][column].dtype.kind == "f"]
