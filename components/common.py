@@ -82,6 +82,7 @@ STAGE_FAMILY: dict[str, str] = {
     "publish": "cpu",
     "finetune": "gpu",
     "evaluate": "gpu",
+    "export_model": "cpu",
 }
 STAGES: tuple[str, ...] = tuple(STAGE_FAMILY)
 STAGE_IMAGES: dict[str, str] = {
@@ -92,7 +93,7 @@ GPU_STAGES: frozenset[str] = frozenset(stage for stage, family in STAGE_FAMILY.i
 # Stages that call other services (Hub, object storage, LLM APIs). They retry transient faults inside each network
 # call; the task itself is never retried (d2e/targets.py says why).
 NETWORK_STAGES: frozenset[str] = frozenset({"load_docs", "generate_queries", "embed_score", "mine_negatives", "publish",
-                                           "evaluate"})
+                                           "evaluate", "export_model"})
 
 
 def stage_resources(stage: str) -> dict[str, str]:
