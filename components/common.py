@@ -211,6 +211,13 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_metrics_file(metrics: Any) -> None:
+    """A Metrics artifact's values, also in its file. KFP keeps them in the artifact's metadata and writes no file, and
+    kfp.local's task cache takes an output whose local file is missing for a deleted one: the task would never be
+    served from the cache."""
+    write_json(metrics.path, dict(metrics.metadata))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON document in a file."""
     return json.loads(Path(path).read_text())

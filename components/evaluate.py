@@ -309,6 +309,7 @@ def evaluate_component(
     arguments = dict(locals())  # first, while the arguments are the only locals
     import shutil
 
+    from components.common import write_metrics_file
     from components.evaluate import EvaluateSettings, evaluate
     from components.settings import from_arguments
 
@@ -324,6 +325,7 @@ def evaluate_component(
         for bound in ("gain", "low", "high"):
             metrics.log_metric(f"{result['gate']['metric']}_{bound}_{dim}", interval[bound])
     metrics.log_metric("finetuned_wins", float(result["gate"]["finetuned_wins"]))
+    write_metrics_file(metrics)
     shutil.copyfile(f"{evaluation.path}/evaluation.html", report.path)
     evaluation.metadata.update({"selected": result["gate"]["selected"], "reason": result["gate"]["reason"]})
 

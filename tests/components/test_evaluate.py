@@ -265,12 +265,14 @@ def test_on_vertex_the_hub_token_is_read_from_secret_manager(tmp_path, scored_di
                         lambda self, folder_path, repo_id, **kw: pushed.append((folder_path, repo_id, self.token)))
     fake_secret_manager["projects/p/secrets/hf-token"] = "hf_from_secret_manager"
     good, worse = models
-    evaluation = dsl.Artifact(uri=str(tmp_path / "evaluation"))
+    evaluation, metrics = dsl.Artifact(uri=str(tmp_path / "evaluation")), dsl.Metrics(uri=str(tmp_path / "metrics"))
     evaluate_component.python_func(
         scored=dsl.Dataset(uri=str(scored_dir)), finetuned_model=dsl.Model(uri=str(good)), base_model=str(worse),
-        min_improvement=0.01, min_eval_queries=50, force_export=False, evaluation=evaluation, metrics=dsl.Metrics(),
+        min_improvement=0.01, min_eval_queries=50, force_export=False, evaluation=evaluation, metrics=metrics,
         report=dsl.HTML(uri=str(tmp_path / "report.html")))
     assert pushed == [] and evaluation.metadata["selected"] == "finetuned"  # evaluate decides; it exports nothing
+    # The metrics are in the artifact's file too (kfp.local's task cache needs every output's file to exist).
+    assert json.loads((tmp_path / "metrics").read_text())["finetuned_wins"] == 1.0
     exported = dsl.Artifact(uri=str(tmp_path / "exported"))
     # The export_model component's own body, as the Vertex task runs it: no HF_TOKEN in the environment, only the
     # secret's name.
