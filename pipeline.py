@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kfp import compiler, dsl
 
-from components.evaluate import evaluate_component
+from components.evaluate import evaluate_component, export_model_component
 from components.export import export_component
 from components.finetune import finetune_component
 from components.load_docs import load_docs_component
@@ -33,46 +33,52 @@ DEFAULT_COMPILED = PROJECT_ROOT / "pipeline.yaml"
 DEFAULT_VERTEX_COMPILED = PROJECT_ROOT / "pipeline-vertex.yaml"
 
 
-def add_stages(target: str, values: dict) -> None:
-    """The tasks and their wiring; `values` holds one pipeline parameter per setting, by name."""
-    load = configure_task(load_docs_component(**stage_arguments("load_docs", values)), "load_docs")
+def add_stages(target: str, values: dict, local: bool = False) -> None:
+    """The tasks and their wiring; `values` holds one pipeline parameter per setting, by name. `local`: the build
+    that `pipeline.py run` executes (its caching differs: d2e/targets.py)."""
+    load = configure_task(load_docs_component(**stage_arguments("load_docs", values)), "load_docs", local)
     # generate_queries and embed_score over `shards` parallel tasks, merged back in load_docs' order (d2e/fanout.py).
-    fan_out = generate_and_score(target, values, load.outputs["docs"])
+    fan_out = generate_and_score(target, values, load.outputs["docs"], local)
     triplets, scored = fan_out.triplets.outputs["triplets"], fan_out.scored.outputs["scored"]
 
     # Filters and mined negatives: what every later stage reads (rows are marked, none removed).
     mine = mine_negatives_component(scored=scored, embedding_model=values["embedding_model"],
                                     **stage_arguments("mine_negatives", values))
-    configure_task(mine, "mine_negatives")
+    configure_task(mine, "mine_negatives", local)
     request_gpu(mine, target, values)
     mined = mine.outputs["mined"]
 
     report = report_component(docs=load.outputs["docs"], triplets=triplets, scored=scored, mined=mined)
-    configure_task(report, "report")
+    configure_task(report, "report", local)
     final = export_component(scored=mined, report_files=report.outputs["report_files"],
                              **stage_arguments("export", values))
-    configure_task(final, "export")
+    configure_task(final, "export", local)
     publish = publish_component(scored=mined, report_files=report.outputs["report_files"],
                                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **stage_arguments("publish", values),
                                 **secret_arguments(target, "publish", values))
-    configure_task(publish, "publish")
+    configure_task(publish, "publish", local)
 
     # Finetune starts from the embedding model embed_score used; evaluate compares against it.
     tune = finetune_component(scored=mined, embedding_model=values["embedding_model"],
                               **stage_arguments("finetune", values))
-    configure_task(tune, "finetune")
+    configure_task(tune, "finetune", local)
     request_gpu(tune, target, values)
     # Evaluate encodes the whole corpus twice (base and finetuned): with a large model that wants the GPU too.
     judge = evaluate_component(scored=mined, finetuned_model=tune.outputs["model"],
-                               base_model=values["embedding_model"], output_uri=values["output_uri"],
-                               **stage_arguments("evaluate", values), **secret_arguments(target, "evaluate", values))
-    configure_task(judge, "evaluate")
+                               base_model=values["embedding_model"], **stage_arguments("evaluate", values))
+    configure_task(judge, "evaluate", local)
     request_gpu(judge, target, values)
-    mount_secrets(target, {"generate_queries": fan_out.generate, "publish": publish, "evaluate": judge})
+    # What evaluate decided, carried out apart from it: the model and the evaluation files leave the artifacts here.
+    deliver = export_model_component(evaluation=judge.outputs["evaluation"], finetuned_model=tune.outputs["model"],
+                                     output_uri=values["output_uri"], **stage_arguments("export_model", values),
+                                     **secret_arguments(target, "export_model", values))
+    configure_task(deliver, "export_model", local)
+    mount_secrets(target, {"generate_queries": fan_out.generate, "publish": publish, "export_model": deliver})
 
 
-def build_pipeline(target: str = "kfp"):
-    """The one pipeline, with the settings of a target applied: `kfp` (Kubeflow) or `vertex` (Vertex AI)."""
+def build_pipeline(target: str = "kfp", local: bool = False):
+    """The one pipeline, with the settings of a target applied: `kfp` (Kubeflow) or `vertex` (Vertex AI); `local`:
+    the Kubeflow build with the local run's caching, what `pipeline.py run` executes."""
     check_target(target)
     # KFP reads the parameters from the signature and calls the function positionally in that order.
     signature = pipeline_signature(target)
@@ -80,13 +86,13 @@ def build_pipeline(target: str = "kfp"):
     def docs_to_embedding_data(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        add_stages(target, bound.arguments)
+        add_stages(target, bound.arguments, local)
 
     docs_to_embedding_data.__signature__ = signature
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(docs_to_embedding_data)
 
 
-# The Kubeflow build, also what `run` executes with kfp.local.
+# The Kubeflow build (`run` executes the same graph, built with `local=True`).
 docs_to_embedding_data = build_pipeline("kfp")
 
 

@@ -82,6 +82,7 @@ STAGE_FAMILY: dict[str, str] = {
     "publish": "cpu",
     "finetune": "gpu",
     "evaluate": "gpu",
+    "export_model": "cpu",
 }
 STAGES: tuple[str, ...] = tuple(STAGE_FAMILY)
 STAGE_IMAGES: dict[str, str] = {
@@ -92,7 +93,7 @@ GPU_STAGES: frozenset[str] = frozenset(stage for stage, family in STAGE_FAMILY.i
 # Stages that call other services (Hub, object storage, LLM APIs). They retry transient faults inside each network
 # call; the task itself is never retried (d2e/targets.py says why).
 NETWORK_STAGES: frozenset[str] = frozenset({"load_docs", "generate_queries", "embed_score", "mine_negatives", "publish",
-                                           "evaluate"})
+                                           "evaluate", "export_model"})
 
 
 def stage_resources(stage: str) -> dict[str, str]:
@@ -208,6 +209,13 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
     os.replace(tmp, path)
+
+
+def write_metrics_file(metrics: Any) -> None:
+    """A Metrics artifact's values, also in its file. KFP keeps them in the artifact's metadata and writes no file, and
+    kfp.local's task cache takes an output whose local file is missing for a deleted one: the task would never be
+    served from the cache."""
+    write_json(metrics.path, dict(metrics.metadata))
 
 
 def read_json(path: str | os.PathLike) -> Any:

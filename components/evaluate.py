@@ -65,7 +65,7 @@ DEFAULT_MIN_EVAL_QUERIES = 50
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    """The export gate and where a winning finetuned model goes."""
+    """The export gate."""
 
     min_improvement: float = setting(DEFAULT_MIN_IMPROVEMENT, "export the finetuned model only if its NDCG@10 at full "
                                      "dimension beats the base by this (and the 95% interval of the gain is above "
@@ -75,6 +75,13 @@ class EvaluateSettings:
                                     maximum=10**7)
     force_export: bool = setting(False, "decide even with fewer than min_eval_queries queries (the interval and "
                                  "min_improvement still apply)")
+
+
+@dataclass(frozen=True)
+class ExportModelSettings:
+    """Where a winning finetuned model goes: the export_model stage, apart from evaluate because its effects lie
+    outside the pipeline's artifacts (a cached evaluate is fine; a skipped export is not)."""
+
     model_export_uri: str = setting("", "where a winning finetuned model goes (folder or gs://...; a local run's "
                                     "default is OUTPUT_DIR/model)")
     hub_model_repo: str = setting("", f"also push a winning model to this Hub repo ({HF_TOKEN_ENV} from the env)")
@@ -255,17 +262,25 @@ def evaluate(
                     evaluation["counts"]["queries"], min_eval_queries, force_export)
     evaluation.update(gate=decision, exported={}, result_model=models["finetuned" if decision["finetuned_wins"]
                                                                       else "base"]["name"])
-    output_dir = Path(output_dir)
     # Metrics and the decision are on disk before any model leaves: a failed export leaves them to read.
-    record(evaluation, output_dir)
-    if decision["finetuned_wins"] and (model_export_uri or hub_model_repo):
+    record(evaluation, Path(output_dir))
+    export_winner(evaluation, finetuned_model_dir, output_dir, model_export_uri, hub_model_repo)
+    log.info("%s\n%s", decision["reason"], format_table(evaluation))
+    return evaluation
+
+
+def export_winner(evaluation: dict[str, Any], finetuned_model_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                  model_export_uri: str = "", hub_model_repo: str = "") -> dict[str, Any]:
+    """When the gate chose the finetuned model: export it and push it, then record where it went (`evaluation` is
+    updated and rewritten, with the report, in output_dir)."""
+    if evaluation["gate"]["finetuned_wins"] and (model_export_uri or hub_model_repo):
+        check_hub_token(hub_model_repo)
         if model_export_uri:
             evaluation["exported"]["model_uri"] = export_model(finetuned_model_dir, model_export_uri)
             evaluation["result_model"] = evaluation["exported"]["model_uri"]
         if hub_model_repo:
             evaluation["exported"]["hub"] = push_to_hub(finetuned_model_dir, hub_model_repo)
-        record(evaluation, output_dir)
-    log.info("%s\n%s", decision["reason"], format_table(evaluation))
+        record(evaluation, Path(output_dir))
     return evaluation
 
 
@@ -285,34 +300,22 @@ def evaluate_component(
     min_improvement: float,
     min_eval_queries: int,
     force_export: bool,
-    model_export_uri: str,
-    hub_model_repo: str,
-    output_uri: str,
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
-    hf_secret_resource: str = "",
 ):
-    """Base vs finetuned retrieval metrics per Matryoshka dimension with the gain's 95% interval; export the
-    finetuned model only if the gate says it wins.
-
-    The model goes to model_export_uri, else to <output_uri>/model (components.storage.export_targets).
-    """
+    """Base vs finetuned retrieval metrics per Matryoshka dimension with the gain's 95% interval, and the gate's
+    decision; the export_model stage carries it out (this task writes its artifacts only, so it may be cached)."""
     arguments = dict(locals())  # first, while the arguments are the only locals
     import shutil
 
-    from components.common import HF_TOKEN_ENV, load_secret_into_env
-    from components.evaluate import EvaluateSettings, copy_evaluation_files, evaluate
+    from components.common import write_metrics_file
+    from components.evaluate import EvaluateSettings, evaluate
     from components.settings import from_arguments
-    from components.storage import export_targets
 
-    # Vertex: the Hub token comes from Secret Manager by name at run time (Kubeflow injects it as env instead).
-    load_secret_into_env(hf_secret_resource, HF_TOKEN_ENV)
     settings = from_arguments(EvaluateSettings, arguments)
-    targets = export_targets(output_uri=output_uri, model_export_uri=settings.model_export_uri)
     result = evaluate(scored.path, finetuned_model.path, evaluation.path, base_model,
-                      min_improvement=settings.min_improvement, model_export_uri=targets.model,
-                      hub_model_repo=settings.hub_model_repo, min_eval_queries=settings.min_eval_queries,
+                      min_improvement=settings.min_improvement, min_eval_queries=settings.min_eval_queries,
                       force_export=settings.force_export)
     for model_name, model in result["models"].items():
         for dim, values in model["metrics"].items():
@@ -322,7 +325,40 @@ def evaluate_component(
         for bound in ("gain", "low", "high"):
             metrics.log_metric(f"{result['gate']['metric']}_{bound}_{dim}", interval[bound])
     metrics.log_metric("finetuned_wins", float(result["gate"]["finetuned_wins"]))
+    write_metrics_file(metrics)
     shutil.copyfile(f"{evaluation.path}/evaluation.html", report.path)
     evaluation.metadata.update({"selected": result["gate"]["selected"], "reason": result["gate"]["reason"]})
+
+
+@stage_component("export_model")
+def export_model_component(
+    evaluation: Input[Artifact],
+    finetuned_model: Input[Model],
+    model_export_uri: str,
+    hub_model_repo: str,
+    output_uri: str,
+    exported: Output[Artifact],
+    hf_secret_resource: str = "",
+):
+    """Carry out evaluate's decision: a winning model to model_export_uri (else <output_uri>/model,
+    components.storage.export_targets) and hub_model_repo; the evaluation files, saying where it went, to output_uri.
+
+    Never cached on a local run: its effects lie outside its artifact."""
+    arguments = dict(locals())  # first, while the arguments are the only locals
+    import shutil
+
+    from components.common import HF_TOKEN_ENV, load_secret_into_env, read_json
+    from components.evaluate import EVALUATION_SUMMARY, ExportModelSettings, copy_evaluation_files, export_winner
+    from components.settings import from_arguments
+    from components.storage import export_targets
+
+    # Vertex: the Hub token comes from Secret Manager by name at run time (Kubeflow injects it as env instead).
+    load_secret_into_env(hf_secret_resource, HF_TOKEN_ENV)
+    settings = from_arguments(ExportModelSettings, arguments)
+    targets = export_targets(output_uri=output_uri, model_export_uri=settings.model_export_uri)
+    shutil.copytree(evaluation.path, exported.path, dirs_exist_ok=True)
+    result = export_winner(read_json(f"{exported.path}/{EVALUATION_SUMMARY}"), finetuned_model.path, exported.path,
+                           targets.model, settings.hub_model_repo)
+    exported.metadata.update({"selected": result["gate"]["selected"], **result["exported"]})
     if targets.results:
-        copy_evaluation_files(evaluation.path, targets.results)
+        copy_evaluation_files(exported.path, targets.results)

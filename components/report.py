@@ -312,6 +312,7 @@ def report_component(
     """Summarise the run for the KFP UI: counts per stage and per filter, similarity histograms, examples."""
     import shutil
 
+    from components.common import write_metrics_file
     from components.report import write_report
 
     values = write_report(docs.path, triplets.path, scored.path, report_files.path,
@@ -319,3 +320,4 @@ def report_component(
     shutil.copyfile(f"{report_files.path}/report.html", report_html.path)
     for key, value in values.items():
         metrics.log_metric(key, value)
+    write_metrics_file(metrics)

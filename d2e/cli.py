@@ -85,7 +85,11 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     from d2e.local_run import LOCAL_ARGILLA_DATA, LOCAL_ARGILLA_PORT
 
     run.add_argument("--output-dir", default="outputs", help="where train/test parquet and the report go")
-    run.add_argument("--no-llm-cache", action="store_true", help="do not read or write the LLM cache")
+    run.add_argument("--no-llm-cache", action="store_true",
+                     help="do not read or write the LLM cache (the task cache is off too: nothing generated is reused)")
+    run.add_argument("--no-cache", action="store_true",
+                     help="run every stage, even those whose inputs have not changed since an earlier run into "
+                          "--output-dir (kfp.local's task cache, OUTPUT_DIR/.kfp/.kfp_cache)")
     run.add_argument("--no-argilla", action="store_true", help="do not publish to Argilla")
     run.add_argument("--argilla-data-dir", default=str(LOCAL_ARGILLA_DATA), help="data folder of the local Argilla")
     run.add_argument("--argilla-port", type=int, default=LOCAL_ARGILLA_PORT,

@@ -39,12 +39,17 @@ def print_restored() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def kfp_local(pipeline_root: Path) -> Iterator[None]:
+def kfp_local(pipeline_root: Path, cache: bool = False) -> Iterator[None]:
     """Around running a pipeline with kfp.local: each task a subprocess of this environment, its outputs under
-    `pipeline_root`, a failed task raising; `print` is given back afterwards (see print_restored)."""
+    `pipeline_root`, a failed task raising; `print` is given back afterwards (see print_restored).
+
+    `cache`: kfp.local's task cache, for the tasks whose caching option is on; its entries go to
+    `pipeline_root/.kfp_cache` (kfp's default) and name the outputs of the run that made them, so deleting the
+    pipeline root (the output folder) empties it."""
     from kfp import local
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True,
+               enable_caching=cache)
     with print_restored():
         yield
 

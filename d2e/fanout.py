@@ -33,16 +33,17 @@ class FanOut(NamedTuple):
     scored: dsl.PipelineTask  # output "scored"
 
 
-def generate_and_score(target: str, values: dict, docs: Any) -> FanOut:
-    """generate_queries then embed_score per shard of `docs`, and the merged triplets and scored datasets."""
+def generate_and_score(target: str, values: dict, docs: Any, local: bool = False) -> FanOut:
+    """generate_queries then embed_score per shard of `docs`, and the merged triplets and scored datasets (`local`:
+    the local run's caching, d2e/targets.py)."""
     shard_list = shard_list_component(shards=values["shards"])
     helper_task(shard_list, "shards", memory="1G")
     with dsl.ParallelFor(items=shard_list.output) as shard:
         generate = generate_queries_component(docs=docs, shard=shard, **stage_arguments("generate_queries", values),
                                               **secret_arguments(target, "generate_queries", values))
-        configure_task(generate, "generate_queries")
+        configure_task(generate, "generate_queries", local)
         embed = embed_score_component(triplets=generate.outputs["triplets"], **stage_arguments("embed_score", values))
-        configure_task(embed, "embed_score")
+        configure_task(embed, "embed_score", local)
         request_gpu(embed, target, values)
         # KFP 2.17's compiler does not pass a task's accelerator parameters into its ParallelFor's inputs (the task
         # would not find them at run time); registering them as channels of the task does.

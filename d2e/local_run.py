@@ -20,7 +20,7 @@ from d2e.console import kfp_local
 from d2e.outputs import StagedOutputs
 from d2e.parameters import group_specs
 from d2e.preflight import check_run
-from d2e.progress import summary_file, watch_run
+from d2e.progress import CACHE_FOLDER, summary_file, watch_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The local Argilla that `run` starts (loopback only; its login is for this machine alone).
@@ -89,27 +89,43 @@ def run_locally(values: dict, given: set, args: argparse.Namespace) -> int:
         staged.discard()  # after a failure (after a success the folder is gone already)
 
 
+def task_cache(values: dict, args: argparse.Namespace, pipeline_root: Path) -> tuple[str, str]:
+    """(the inputs fingerprint, or "" when the task cache is off; what the run says about the task cache)."""
+    from d2e.fingerprint import fingerprint
+
+    if args.no_cache or args.no_llm_cache:
+        return "", f"off ({'--no-cache' if args.no_cache else '--no-llm-cache'}: every stage runs)"
+    digest = fingerprint(values)
+    if digest is None:
+        return "", ("off (the dataset or a model is not on this machine: a Hub id or gs:// can change under the same "
+                    "name; every stage runs)")
+    return digest, f"on ({pipeline_root / CACHE_FOLDER}; --no-cache runs every stage)"
+
+
 def _run_staged(values: dict, given: set, args: argparse.Namespace, staged: StagedOutputs) -> int:
     from d2e.parameters import pipeline_specs
-    from pipeline import PIPELINE_NAME, docs_to_embedding_data
+    from pipeline import PIPELINE_NAME, build_pipeline
 
     output_dir = staged.output_dir
     pipeline_root = output_dir / ".kfp"
     values = local_values(values, given, staged.folder, args.no_llm_cache)
+    values["inputs_fingerprint"], cache_note = task_cache(values, args, pipeline_root)
     prepare_environment(values)
     argilla = prepare_argilla(values["argilla_url"], args)
     values["argilla_url"] = argilla["url"] if argilla else ""
 
     print(f"Running {PIPELINE_NAME} locally\n  dataset: {values['dataset']}\n  llm: {values['llm']}\n  embedding "
-          f"model: {values['embedding_model']}\n  LLM cache: {values['llm_cache_uri'] or 'off'}\n  output: "
-          f"{output_dir}", flush=True)
+          f"model: {values['embedding_model']}\n  LLM cache: {values['llm_cache_uri'] or 'off'}\n  task cache: "
+          f"{cache_note}\n  output: {output_dir}", flush=True)
     started = time.time()
+    pipeline = build_pipeline("kfp", local=True)  # the local run's caching: d2e/targets.py
     # The cluster-only settings (GPU request, secret names) mean nothing to kfp.local: their defaults stay.
-    cluster_only = {spec.name for spec in group_specs("target")}
+    arguments = {spec.name: values[spec.name] for spec in pipeline_specs("kfp")
+                 if spec.name not in {spec.name for spec in group_specs("target")}}
     try:
-        with kfp_local(pipeline_root), watch_run(output_dir, pipeline_root, docs_to_embedding_data, args.verbose):
-            docs_to_embedding_data(**{spec.name: values[spec.name] for spec in pipeline_specs("kfp")
-                                      if spec.name not in cluster_only})
+        with kfp_local(pipeline_root, cache=bool(values["inputs_fingerprint"])), \
+                watch_run(output_dir, pipeline_root, pipeline, args.verbose, shards=values["shards"]):
+            pipeline(**arguments)
     except RuntimeError as error:
         print(f"\nThe pipeline stopped: {error}\nThe failing stage's last lines above say what to fix (the whole "
               f"log: {output_dir / 'run.log'}). Finished stages keep their outputs under {pipeline_root}. The "

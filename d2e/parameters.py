@@ -7,7 +7,7 @@ stage's KFP component and a `run` flag (local default): adding a field is the wh
 import inspect
 
 from components.embed_score import EmbedScoreSettings
-from components.evaluate import EvaluateSettings
+from components.evaluate import EvaluateSettings, ExportModelSettings
 from components.export import ExportSettings
 from components.finetune import FinetuneSettings
 from components.generate_queries import GenerationSettings
@@ -29,6 +29,7 @@ SETTINGS: tuple[tuple[str, type], ...] = (
     ("publish", PublishSettings),
     ("finetune", FinetuneSettings),
     ("evaluate", EvaluateSettings),
+    ("export_model", ExportModelSettings),
 )
 GROUPS = dict(SETTINGS)
 

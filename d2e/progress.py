@@ -5,7 +5,8 @@ warnings) to this process's stdout. d2e/console.py sends all of that to OUTPUT_D
 here, together with the stages' progress events (components/progress.py). This module turns them into:
 
 - one line as each stage starts and ends: the stage, rows in and out (counted in the task's output datasets),
-  seconds;
+  seconds; a stage that kfp.local's task cache served (an earlier run's results, not run again) gets one line
+  saying so, with the rows of the outputs it served;
 - while generate_queries and embed_score run, one live bar (done/total, rate, ETA, tokens, failures) on an
   interactive terminal, or a plain progress line every D2E_PROGRESS_INTERVAL seconds elsewhere (CI, logs);
 - for a stage that fails, its last lines and where the whole log is.
@@ -29,6 +30,9 @@ from d2e.fanout import HELPER_TASKS
 # kfp.local's own lines (kfp 2.17, pinned) that say a task starts and ends, once the colour codes are removed.
 TASK_STARTED = re.compile(r"Executing task '([^']+)'")
 TASK_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+# kfp.local's log record for a task served from its cache (kfp/local/orchestrator/task_executor.py).
+TASK_CACHED = re.compile(r"Task '?([\w-]+)'? cache hit \(key=(\w+)\)")
+CACHE_FOLDER = ".kfp_cache"  # kfp.local's default cache_root, below the pipeline root
 COLOUR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # kfp.local indents a task's streamed output by four spaces.
 STREAM_INDENT = "    "
@@ -53,6 +57,26 @@ def pipeline_upstream(pipeline: Any) -> dict[str, list[str]]:
         else:
             upstream[name] = list(task.dependent_tasks)
     return upstream
+
+
+def loop_tasks(pipeline: Any) -> set[str]:
+    """The tasks inside a ParallelFor (one instance per shard)."""
+    spec = pipeline.pipeline_spec
+    return {inner for name, task in spec.root.dag.tasks.items() if name.startswith("for-loop")
+            for inner in spec.components[task.component_ref.name].dag.tasks}
+
+
+def cached_task_dirs(cache_root: Path, key_prefix: str) -> list[Path]:
+    """The task folders (`<run>/[for-loop-*/]<task>`) of the outputs a cache entry serves: its artifacts' parents."""
+    import json
+
+    dirs: list[Path] = []
+    for entry in sorted(cache_root.glob(f"{key_prefix}*.json")):
+        for value in json.loads(entry.read_text()).values():
+            artifacts = value.get("artifacts", []) if isinstance(value, dict) else []
+            artifacts = [value] if isinstance(value, dict) and value.get("uri") else artifacts
+            dirs += [Path(artifact["uri"]).parent for artifact in artifacts if artifact.get("uri")]
+    return sorted(set(dirs))
 
 
 def dataset_rows(task_dirs: list[Path]) -> Optional[int]:
@@ -88,16 +112,22 @@ class StageRun:
     started: float
     rows_in: Optional[int]
     tail: deque = field(default_factory=lambda: deque(maxlen=FAILED_TAIL_LINES))
+    done: int = 0  # instances finished (one per shard inside the fan-out)
+    cached: int = 0  # of which served from kfp.local's task cache
+    cached_dirs: list = field(default_factory=list)  # the task folders those served
 
 
 class RunConsole:
     """The terminal view of a local run, fed with captured output lines (`line`) and progress events (`event`)."""
 
     def __init__(self, terminal: TextIO, pipeline_root: Path, upstream: dict[str, list[str]], log_path: Path,
-                 verbose: bool = False, interactive: Optional[bool] = None):
+                 verbose: bool = False, interactive: Optional[bool] = None, sharded: frozenset = frozenset(),
+                 shards: int = 1):
         from rich.console import Console
 
         self.terminal, self.pipeline_root, self.upstream = terminal, pipeline_root, upstream
+        # Tasks that run once per shard: such a stage is over when all `shards` instances are.
+        self.sharded, self.shards = sharded, shards
         self.log_path, self.verbose, self.interval = log_path, verbose, progress_interval()
         self.rich = Console(file=terminal, highlight=False, soft_wrap=True)
         self.interactive = (self.rich.is_terminal and not self.rich.is_dumb_terminal) if interactive is None \
@@ -148,11 +178,13 @@ class RunConsole:
         if self.verbose:
             self._echo(raw)
         text = COLOUR.sub("", raw)
-        started, finished = TASK_STARTED.search(text), TASK_FINISHED.search(text)
+        started, finished, cached = TASK_STARTED.search(text), TASK_FINISHED.search(text), TASK_CACHED.search(text)
         if started:
             self._started(started.group(1))
         elif finished:
             self._finished(finished.group(1), finished.group(2))
+        elif cached:
+            self._cached(cached.group(1), cached.group(2))
         elif self.current is not None and text.strip():
             self.current.tail.append(text.removeprefix(STREAM_INDENT))
 
@@ -196,45 +228,72 @@ class RunConsole:
         counts = [self.finished[name] for name in upstream if self.finished[name] is not None]
         return counts[-1] if counts else None  # the rows of the latest upstream stage that wrote a dataset
 
+    def _new_stage(self, task: str) -> StageRun:
+        helper = task in HELPER_TASKS
+        number = len([name for name in self.stages if name not in HELPER_TASKS]) + (0 if helper else 1)
+        self.stages[task] = StageRun(task, number, time.monotonic(), self._rows_in(task))
+        return self.stages[task]
+
     def _started(self, task: str) -> None:
         self.running[task] = self.running.get(task, 0) + 1
         if task in self.stages:  # another shard of a stage already under way
             self.current = self.stages[task]
             return
-        helper = task in HELPER_TASKS
-        number = len([name for name in self.stages if name not in HELPER_TASKS]) + (0 if helper else 1)
-        run = StageRun(task, number, time.monotonic(), self._rows_in(task))
-        self.stages[task] = self.current = run
-        if not helper:
+        run = self.current = self._new_stage(task)
+        if task not in HELPER_TASKS:
             rows = f" ({_rows(run.rows_in)} rows in)" if run.rows_in is not None else ""
-            self.say(f"[{number}/{self.stage_count}] {stage_of(task)} started{rows}")
+            self.say(f"[{run.number}/{self.stage_count}] {stage_of(task)} started{rows}")
+
+    def _over(self, task: str, run: StageRun) -> bool:
+        """Whether every instance of the task has finished (one per shard in the fan-out, else one)."""
+        return not self.running.get(task) and run.done >= (self.shards if task in self.sharded else 1)
+
+    def _cached(self, task: str, key_prefix: str) -> None:
+        """kfp.local served the task from its cache: it did not run; its outputs are an earlier run's."""
+        run = self.stages.get(task) or self._new_stage(task)
+        run.done, run.cached = run.done + 1, run.cached + 1
+        run.cached_dirs += cached_task_dirs(self.pipeline_root / CACHE_FOLDER, key_prefix)
+        if self._over(task, run):
+            self._report(task, run, "SUCCESS")
 
     def _finished(self, task: str, status: str) -> None:
         run = self.stages.get(task) or StageRun(task, len(self.stages) + 1, time.monotonic(), None)
         self.running[task] = max(0, self.running.get(task, 1) - 1)
-        if status == "SUCCESS" and self.running[task]:
+        run.done += status == "SUCCESS"
+        if status == "SUCCESS" and not self._over(task, run):
             return  # other shards of this stage still run: it is done when the last one is
+        self._report(task, run, status)
+
+    def _report(self, task: str, run: StageRun, status: str) -> None:
+        """The stage's end line: rows in and out, seconds or that the cache served it; or its failure."""
         seconds = time.monotonic() - run.started
         stage = stage_of(task)
         if stage in self.bar_tasks:
             self.bar.remove_task(self.bar_tasks.pop(stage))
             self.close()
-        task_dirs = self._task_dirs(task)
+        # Outputs the cache served lie in earlier runs' folders; those of instances that ran, in this run's.
+        task_dirs = run.cached_dirs + (self._task_dirs(task) if run.cached < max(run.done, 1) else [])
         rows_out = dataset_rows(task_dirs)
         self.finished[task] = rows_out
         rows_in = run.rows_in if run.rows_in is not None or self.upstream.get(task) else source_rows(task_dirs)
         helper = task in HELPER_TASKS
         head = stage if helper else f"[{run.number}/{self.stage_count}] {stage}"
-        if status == "SUCCESS":
-            if not helper:
-                self.say(f"{head} done in {seconds:.1f} s: {_rows(rows_in)} rows in, {_rows(rows_out)} rows out")
-        else:
+        rows = f"{_rows(rows_in)} rows in, {_rows(rows_out)} rows out"
+        if status != "SUCCESS":
             self.failed.append(stage)
             self.say(f"{head} FAILED after {seconds:.1f} s. Its last lines:")
             for text in run.tail:
                 self.say(f"  | {text}")
             self.say(f"The whole log: {self.log_path}")
-        self.current = None
+        elif helper:
+            pass
+        elif run.cached == run.done:
+            self.say(f"{head} served from the cache (not run again): {rows}")
+        else:
+            shards = f" ({run.cached} of {run.done} shards served from the cache)" if run.cached else ""
+            self.say(f"{head} done in {seconds:.1f} s{shards}: {rows}")
+        if self.current is run or not run.cached:
+            self.current = None
 
     def close(self) -> None:
         """Stop the live bar (it leaves no trace: the stage's end line follows)."""
@@ -244,9 +303,33 @@ class RunConsole:
 
 
 @contextlib.contextmanager
-def watch_run(output_dir: Path, pipeline_root: Path, pipeline: Any, verbose: bool = False) -> Iterator[RunConsole]:
+def cache_hits_printed() -> Iterator[None]:
+    """kfp.local logs a task served from its cache on the root logger at INFO, outside the handler it sets up for its
+    other task lines, so by default nobody sees it: print those records to stdout, where the console reads them."""
+    import logging
+
+    class CacheHits(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return TASK_CACHED.search(record.getMessage()) is not None
+
+    root, handler = logging.getLogger(), logging.StreamHandler(sys.stdout)
+    handler.addFilter(CacheHits())
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO) if level else level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+@contextlib.contextmanager
+def watch_run(output_dir: Path, pipeline_root: Path, pipeline: Any, verbose: bool = False,
+              shards: int = 1) -> Iterator[RunConsole]:
     """Around the pipeline call: its output goes to OUTPUT_DIR/run.log (and, with `verbose`, to the terminal);
-    the terminal shows the stage lines, the live progress and the errors."""
+    the terminal shows the stage lines, the live progress and the errors. `shards`: instances of each task inside
+    the pipeline's ParallelFor."""
     import os
     import tempfile
 
@@ -255,7 +338,8 @@ def watch_run(output_dir: Path, pipeline_root: Path, pipeline: Any, verbose: boo
 
     log_path = output_dir / "run.log"
     terminal = terminal_stream()
-    console = RunConsole(terminal, pipeline_root, pipeline_upstream(pipeline), log_path, verbose)
+    console = RunConsole(terminal, pipeline_root, pipeline_upstream(pipeline), log_path, verbose,
+                         sharded=frozenset(loop_tasks(pipeline)), shards=shards)
     console.say(f"Log of every stage: {log_path}" + ("" if verbose else " (--verbose shows it live)"))
     # Under the run's own folder: a killed run leaves it there, not in /tmp.
     pipeline_root.mkdir(parents=True, exist_ok=True)
@@ -264,7 +348,7 @@ def watch_run(output_dir: Path, pipeline_root: Path, pipeline: Any, verbose: boo
     previous = os.environ.get(PROGRESS_FILE_ENV)
     os.environ[PROGRESS_FILE_ENV] = events  # the stage subprocesses inherit it
     try:
-        with captured_output(log_path, console.line, Path(events), console.event):
+        with captured_output(log_path, console.line, Path(events), console.event), cache_hits_printed():
             yield console
     except BaseException:
         if not console.failed:  # a failing stage has already said where the log is

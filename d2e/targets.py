@@ -23,6 +23,11 @@ HF_SECRET_NAME = "hf-token"
 # reuses finished rows keyed by chunk and LLM settings, which is finer than KFP's task cache); export writes to
 # output_uri, a side effect that a cache hit would skip. mine_negatives is deterministic (top-k mining, no sampling).
 CACHED_STAGES = frozenset({"embed_score", "mine_negatives", "report"})
+# A local run (`pipeline.py run`) caches every stage but these, whose effects lie outside their artifacts (the output
+# folder, Argilla, the Hub, a bucket, the exported model): a cache hit would skip the effect. Its dataset is
+# fingerprinted (d2e/fingerprint.py), the LLM cache already reuses generations, and sampling afresh is not what an
+# identical re-run on a laptop asks for; `--no-cache` runs everything.
+UNCACHED_LOCAL_STAGES = frozenset({"export", "publish", "export_model"})
 # No task-level retries (`set_retry`): KFP and Vertex retry a failed task whatever made it fail, and cannot tell a
 # StageError (a typo, a missing key, the failure-rate gate: the same on every try) from a transient fault by its exit
 # code. Retrying those re-ran paid generation three times and hid the message behind 3.5 minutes of backoff.
@@ -49,7 +54,7 @@ class Secret:
 SECRETS: tuple[Secret, ...] = (
     Secret(OPENAI_SECRET_KEY, OPENAI_SECRET_NAME, "openai_secret_resource", ("generate_queries",)),
     Secret(ARGILLA_API_KEY_ENV, ARGILLA_SECRET_NAME, "argilla_secret_resource", ("publish",)),
-    Secret(HF_TOKEN_ENV, HF_SECRET_NAME, "hf_secret_resource", ("publish", "evaluate")),
+    Secret(HF_TOKEN_ENV, HF_SECRET_NAME, "hf_secret_resource", ("publish", "export_model")),
 )
 
 
@@ -93,13 +98,15 @@ def hidden_parameters(target: str) -> tuple[str, ...]:
     return VERTEX_ONLY_PARAMETERS if check_target(target) == "kfp" else KFP_ONLY_PARAMETERS
 
 
-def configure_task(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
-    """Settings every target shares: display name, CPU/memory, caching (no retries: see the note above)."""
+def configure_task(task: dsl.PipelineTask, stage: str, local: bool = False) -> dsl.PipelineTask:
+    """Settings every target shares: display name, CPU/memory, caching (no retries: see the note above).
+
+    `local`: the build `pipeline.py run` executes, with the local run's caching (UNCACHED_LOCAL_STAGES)."""
     task.set_display_name(stage)
     resources = stage_resources(stage)
     task.set_cpu_request(resources["cpu_request"]).set_cpu_limit(resources["cpu_limit"])
     task.set_memory_request(resources["memory_request"]).set_memory_limit(resources["memory_limit"])
-    task.set_caching_options(stage in CACHED_STAGES)
+    task.set_caching_options(stage not in UNCACHED_LOCAL_STAGES if local else stage in CACHED_STAGES)
     return task
 
 

@@ -20,6 +20,7 @@ COMPONENTS = {
     "publish": "components.publish:publish_component",
     "finetune": "components.finetune:finetune_component",
     "evaluate": "components.evaluate:evaluate_component",
+    "export_model": "components.evaluate:export_model_component",
 }
 
 

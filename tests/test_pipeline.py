@@ -10,7 +10,7 @@ from tests.conftest import PROJECT_ROOT
 from tests.support.compiled import dag_tasks, parameter_source
 
 STAGES = ("load-docs", "generate-queries", "embed-score", "mine-negatives", "report", "export", "publish", "finetune",
-          "evaluate")
+          "evaluate", "export-model")
 GPU_TASKS = ["exec-embed-score-component", "exec-evaluate-component", "exec-finetune-component",
              "exec-mine-negatives-component"]
 # The shards' fan-out (d2e/fanout.py): the list of shards and the two merges, around a ParallelFor.
@@ -55,6 +55,13 @@ def test_compiled_pipeline_has_every_stage_with_its_own_image(compiled):
     assert mine_inputs["parameters"]["embedding_model"]["componentInputParameter"] == "embedding_model"
     model_input = tasks["evaluate-component"]["inputs"]["artifacts"]["finetuned_model"]["taskOutputArtifact"]
     assert model_input == {"outputArtifactKey": "model", "producerTask": "finetune-component"}
+    # evaluate decides (artifacts only); export_model carries the decision out, into output_uri and the model target.
+    assert tasks["export-model-component"]["dependentTasks"] == ["evaluate-component", "finetune-component"]
+    export_inputs = tasks["export-model-component"]["inputs"]
+    assert export_inputs["artifacts"]["evaluation"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "evaluation", "producerTask": "evaluate-component"}
+    assert export_inputs["parameters"]["output_uri"]["componentInputParameter"] == "output_uri"
+    assert "output_uri" not in tasks["evaluate-component"]["inputs"]["parameters"]
 
 
 def test_gpu_request_is_on_embed_score_mine_negatives_finetune_and_evaluate_only(compiled):
@@ -97,7 +104,7 @@ def test_cluster_defaults_and_secret_reference_only(compiled):
         assert defaults[name]["defaultValue"] == ""
     run_id = spec["root"]["dag"]["tasks"]["publish-component"]["inputs"]["parameters"]["run_id"]
     assert run_id["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
-    hub = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-evaluate-component"]
+    hub = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-export-model-component"]
     assert hub["secretAsEnv"][0]["secretName"] == HF_SECRET_NAME
     assert not any("token" in name.lower() and ("hf" in name.lower() or "hub" in name.lower()) for name in defaults)
     # Cluster finetuning defaults: ~100 optimizer steps on a thousand rows, mined hard negatives (issue 9).

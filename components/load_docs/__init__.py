@@ -68,6 +68,10 @@ class LoadDocsSettings:
     limit: int = setting(0, "at most N chunks per split (0: all)", minimum=0, maximum=10**8)
     text_column: str = setting(DEFAULT_TEXT_COLUMN, "column holding the chunk text")
     docs_base_url: str = setting("", "URL prefix for pages built from Markdown")
+    # Part of the task's cache key, which holds `dataset` only as a name: see d2e/fingerprint.py.
+    inputs_fingerprint: str = setting("", "content fingerprint of a local run's inputs (dataset files, stage code, "
+                                      "local models, packages), set by `pipeline.py run` so its task cache never "
+                                      "serves results of other inputs; empty on a cluster", cli=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +86,12 @@ def _is_remote(source: str) -> bool:
 _SPLIT_FILE = r"(data/)?{split}-[^/]*\.parquet|{split}\.parquet"
 
 
+def _split_files(store) -> dict[str, list[str]]:
+    """Each split's parquet files in a store, by name."""
+    return {split: sorted(name for name in store.list(split) + store.list(f"data/{split}-")
+                          if re.fullmatch(_SPLIT_FILE.format(split=re.escape(split)), name)) for split in SPLITS}
+
+
 def _read_parquet_source(source: str) -> dict[str, "pandas.DataFrame"] | None:  # noqa: F821
     """Read a parquet file, or each split's parquet files below a folder or gs:// prefix (None: there are none)."""
     import pandas as pd
@@ -92,8 +102,7 @@ def _read_parquet_source(source: str) -> dict[str, "pandas.DataFrame"] | None:  
             raise StageError(f"Parquet file {source} does not exist.")
         return split_by_column(read_parquet(store, [name]), source)
     store = open_store(source)
-    found = {split: sorted(name for name in store.list(split) + store.list(f"data/{split}-")
-                           if re.fullmatch(_SPLIT_FILE.format(split=re.escape(split)), name)) for split in SPLITS}
+    found = _split_files(store)
     if not any(found.values()):
         return None
     if not found["train"]:
@@ -146,6 +155,24 @@ def read_source(source: str, test_fraction: float = 0.2,
             f"Could not load {source!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
             "Check the id and the network, or pass a local parquet folder or Markdown folder instead."
         ) from error
+
+
+def source_files(source: str) -> list[Path] | None:
+    """The local files `read_source` reads for `source`, in a stable order; None for a remote source (a gs:// prefix
+    or a Hub id) or a path that does not exist. What `pipeline.py run` fingerprints, so it follows read_source's
+    choices exactly: one parquet or Markdown file, a saved DatasetDict (every file of its folder), a folder's split
+    parquet files, else its Markdown files."""
+    path = expand(source) if "://" not in source else None
+    if path is None or not path.exists():
+        return None
+    if path.is_file():
+        return [path]
+    if (path / "dataset_dict.json").exists():
+        return sorted(child for child in path.rglob("*") if child.is_file())
+    splits = _split_files(open_store(str(path.resolve())))
+    if any(splits.values()):
+        return [path.resolve() / name for names in splits.values() for name in names]
+    return markdown_files(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,8 +279,11 @@ def load_docs(
 
 
 @stage_component("load_docs")
-def load_docs_component(dataset: str, limit: int, text_column: str, docs_base_url: str, docs: Output[Dataset]):
-    """Load documentation chunks (Hub id, parquet folder/prefix, saved DatasetDict or Markdown folder)."""
+def load_docs_component(dataset: str, limit: int, text_column: str, docs_base_url: str, inputs_fingerprint: str,
+                        docs: Output[Dataset]):
+    """Load documentation chunks (Hub id, parquet folder/prefix, saved DatasetDict or Markdown folder).
+
+    `inputs_fingerprint` is not read: it is there to be part of the task's cache key."""
     from components.load_docs import LoadDocsSettings, load_docs
     from components.settings import from_arguments
 

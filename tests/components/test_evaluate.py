@@ -257,7 +257,7 @@ def test_on_vertex_the_hub_token_is_read_from_secret_manager(tmp_path, scored_di
     import huggingface_hub
     from kfp import dsl
 
-    from components.evaluate import evaluate_component
+    from components.evaluate import evaluate_component, export_model_component
 
     pushed = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
@@ -265,18 +265,32 @@ def test_on_vertex_the_hub_token_is_read_from_secret_manager(tmp_path, scored_di
                         lambda self, folder_path, repo_id, **kw: pushed.append((folder_path, repo_id, self.token)))
     fake_secret_manager["projects/p/secrets/hf-token"] = "hf_from_secret_manager"
     good, worse = models
-    evaluation = dsl.Artifact(uri=str(tmp_path / "evaluation"))
-    # The component's own body, as the Vertex task runs it: no HF_TOKEN in the environment, only the secret's name.
+    evaluation, metrics = dsl.Artifact(uri=str(tmp_path / "evaluation")), dsl.Metrics(uri=str(tmp_path / "metrics"))
     evaluate_component.python_func(
         scored=dsl.Dataset(uri=str(scored_dir)), finetuned_model=dsl.Model(uri=str(good)), base_model=str(worse),
-        min_improvement=0.01, min_eval_queries=50, force_export=False, model_export_uri="",
-        hub_model_repo="me/model", output_uri="", evaluation=evaluation, metrics=dsl.Metrics(),
-        report=dsl.HTML(uri=str(tmp_path / "report.html")), hf_secret_resource="projects/p/secrets/hf-token")
+        min_improvement=0.01, min_eval_queries=50, force_export=False, evaluation=evaluation, metrics=metrics,
+        report=dsl.HTML(uri=str(tmp_path / "report.html")))
+    assert pushed == [] and evaluation.metadata["selected"] == "finetuned"  # evaluate decides; it exports nothing
+    # The metrics are in the artifact's file too (kfp.local's task cache needs every output's file to exist).
+    assert json.loads((tmp_path / "metrics").read_text())["finetuned_wins"] == 1.0
+    exported = dsl.Artifact(uri=str(tmp_path / "exported"))
+    # The export_model component's own body, as the Vertex task runs it: no HF_TOKEN in the environment, only the
+    # secret's name.
+    export_model_component.python_func(
+        evaluation=evaluation, finetuned_model=dsl.Model(uri=str(good)), model_export_uri="",
+        hub_model_repo="me/model", output_uri=str(tmp_path / "results"), exported=exported,
+        hf_secret_resource="projects/p/secrets/hf-token")
     assert fake_secret_manager.requested == ["projects/p/secrets/hf-token/versions/latest"]
     assert pushed == [(str(good), "me/model", "hf_from_secret_manager")]
+    # The model also went to output_uri's model folder (no model_export_uri), and the evaluation files there say so.
+    results = json.loads((tmp_path / "results" / "evaluation.json").read_text())
+    assert results["exported"]["hub"].endswith("me/model") and "me/model" in exported.metadata["hub"]
+    assert results["exported"]["model_uri"] == str(tmp_path / "results" / "model")
+    assert (tmp_path / "results" / "model" / "modules.json").exists()
+    assert "Exported to" in (tmp_path / "results" / "evaluation.md").read_text()
     output = capfd.readouterr()
-    written = output.out + output.err + (tmp_path / "evaluation" / "evaluation.json").read_text()
-    assert "hf_from_secret_manager" not in written + json.dumps(evaluation.metadata)
+    written = output.out + output.err + (tmp_path / "exported" / "evaluation.json").read_text()
+    assert "hf_from_secret_manager" not in written + json.dumps(exported.metadata)
 
 
 def test_queries_get_the_model_query_prompt(tmp_path, corpus, models):

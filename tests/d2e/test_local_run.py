@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from components.common import OUTPUT_COLUMNS
+from components.common import MANIFEST_NAME, OUTPUT_COLUMNS
 from d2e import parameters
 from d2e.cli import build_parser, setting_values
 from d2e.local_run import local_values
@@ -35,6 +35,23 @@ def test_local_run_defaults_to_this_projects_docs_and_absolute_paths(tmp_path, m
     assert local_values(*settings_of(), tmp_path, no_cache=True)["llm_cache_uri"] == ""
 
 
+def test_the_task_cache_is_on_only_for_inputs_on_this_machine_and_off_on_request(tmp_path, small_chunks):
+    import argparse
+
+    from d2e.local_run import task_cache
+
+    values = local_values(*settings_of("--dataset", str(small_chunks)), tmp_path / "out", no_cache=False)
+    flags = {"no_cache": False, "no_llm_cache": False}
+    digest, note = task_cache(values, argparse.Namespace(**flags), tmp_path / "out" / ".kfp")
+    assert len(digest) == 32 and note.startswith(f"on ({tmp_path / 'out' / '.kfp' / '.kfp_cache'}; --no-cache")
+    for flag in flags:
+        assert task_cache(values, argparse.Namespace(**{**flags, flag: True}), tmp_path) == (
+            "", f"off (--{flag.replace('_', '-')}: every stage runs)")
+    remote = dict(values, dataset="zenml/rag_qa_embedding_questions_0_60_0")
+    digest, note = task_cache(remote, argparse.Namespace(**flags), tmp_path)
+    assert digest == "" and note.startswith("off (the dataset or a model is not on this machine")
+
+
 def test_the_lenient_failure_rate_is_for_the_embedded_model_only(tmp_path):
     assert local_values(*settings_of(), tmp_path, False)["max_failure_rate"] == 0.4
     assert local_values(*settings_of("--llm", "openai:gpt-4o"), tmp_path, False)["max_failure_rate"] == 0.05
@@ -49,7 +66,8 @@ def run_cli(*args, env=None):
 
 @pytest.mark.slow
 def test_local_run_end_to_end_then_served_from_cache(tmp_path, small_chunks, local_server, argilla_venv):
-    """Two runs: the second is served from the LLM cache and re-publishes into the local Argilla without duplicates."""
+    """Two runs: the second is served from the task cache but for the stages with effects outside their artifacts,
+    leaves the same results and re-publishes into the local Argilla without duplicates."""
     argilla_data = tmp_path / "argilla"
     args = ["run", "--dataset", str(small_chunks), "--output-dir", str(tmp_path / "out"),
             "--llm-cache-uri", str(tmp_path / "cache"), "--max-failure-rate", "0.5",
@@ -69,6 +87,31 @@ def _argilla_records(local_server, argilla_data) -> list:
     return list(client.datasets(name="e2e").records(with_vectors=True))
 
 
+STAGES = ("load_docs", "generate_queries", "embed_score", "mine_negatives", "report", "export", "publish", "finetune",
+          "evaluate", "export_model")
+# The stages whose effects lie outside their artifacts: a re-run runs them again (d2e/targets.py).
+UNCACHED = ("export", "publish", "export_model")
+# What changes in OUTPUT_DIR from one identical run to the next: the log, the summary (its seconds), the records of
+# the run or export that wrote a folder (OUTPUT_DIR's and an exported model's), and the time in each manifest (when
+# its files were written).
+PER_RUN = ("run.log", "summary.md", ".docs-to-embeddings", f"model/{MANIFEST_NAME}", "model/.docs-to-embeddings")
+MANIFESTS = ("export.json", "evaluation.json")
+
+
+def results(output_dir) -> dict:
+    """OUTPUT_DIR's results, name -> bytes (manifests without their time), kfp.local's working folder left out."""
+    found = {}
+    for path in sorted(output_dir.rglob("*")):
+        name = path.relative_to(output_dir).as_posix()
+        if path.is_file() and not name.startswith(".kfp/") and name not in PER_RUN:
+            found[name] = path.read_bytes()
+    for name in MANIFESTS:
+        manifest = json.loads(found[name])
+        assert manifest.pop("created")
+        found[name] = manifest
+    return found
+
+
 # What only run.log may hold: kfp's executor input dumps and base-image warnings, distilabel's own log.
 LOG_ONLY = ("Got executor_input", "custom or non-Python base image", "distilabel.pipeline", "Streamed logs")
 
@@ -78,18 +121,18 @@ def check_console(result, output_dir):
     logs; those are in run.log; the summary is also in summary.md."""
     err = result.stderr
     assert f"Log of every stage: {output_dir / 'run.log'} (--verbose shows it live)" in err
-    stages = ("load_docs", "generate_queries", "embed_score", "mine_negatives", "report", "export", "publish",
-              "finetune", "evaluate")
     numbers = {}
-    for stage in stages:  # each stage starts and ends once; kfp.local picks the order among independent tasks
-        started = re.search(rf"\[(\d)/9\] {stage} started", err)
-        assert started and f"[{started[1]}/9] {stage} done in " in err, stage
+    for stage in STAGES:  # each stage starts and ends once; kfp.local picks the order among independent tasks
+        started = re.search(rf"\[(\d+)/10\] {stage} started", err)
+        assert started and f"[{started[1]}/10] {stage} done in " in err, stage
         numbers[stage] = int(started[1])
-    assert sorted(numbers.values()) == list(range(1, 10))
+    assert sorted(numbers.values()) == list(range(1, 11))
     assert numbers["load_docs"] == 1 and numbers["generate_queries"] == 2
-    assert numbers["embed_score"] < numbers["mine_negatives"] < numbers["finetune"] < numbers["evaluate"]
-    assert "[1/9] load_docs done in " in err and " s: 5 rows in, 5 rows out" in err
-    assert "[2/9] generate_queries started (5 rows in)" in err
+    assert (numbers["embed_score"] < numbers["mine_negatives"] < numbers["finetune"] < numbers["evaluate"]
+            < numbers["export_model"])
+    assert "[1/10] load_docs done in " in err and " s: 5 rows in, 5 rows out" in err
+    assert "[2/10] generate_queries started (5 rows in)" in err
+    assert "served from the cache" not in err
     assert "      generate_queries: 5/5 rows (100%), " in err and " tokens, " in err
     assert "      embed_score: " in err and " texts (100%), " in err
     log = (output_dir / "run.log").read_text()
@@ -133,13 +176,30 @@ def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
         assert set(evaluation["models"][model]["metrics"]) == {"384", "256", "128", "64"}
     assert "Retrieval, base vs finetuned" in first.stdout and evaluation["gate"]["reason"] in first.stdout
     assert (tmp_path / "out" / "model").is_dir() == evaluation["gate"]["finetuned_wins"]
+    assert f"task cache: on ({tmp_path / 'out' / '.kfp' / '.kfp_cache'}; --no-cache runs every stage)" in first.stdout
+    first_results = results(tmp_path / "out")
+    assert {"train.parquet", "test.parquet", "report.html", "metrics.json", "evaluation.json"} <= set(first_results)
 
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr[-3000:]
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["generation_llm_requests"] == 0
-    assert metrics["generation_cached"] == 5 - metrics["generation_failed"]
+    check_second_run(second, first, tmp_path / "out", first_results)
     assert sorted(r.id for r in _argilla_records(local_server, argilla_data)) == sorted(r.id for r in records)
+
+
+def check_second_run(second, first, output_dir, first_results):
+    """Every stage but those with outside effects served from the task cache, said so; the same results."""
+    err = second.stderr
+    for stage in STAGES:
+        served = re.search(rf"\[\d+/10\] {stage} served from the cache \(not run again\): (.*)", err)
+        ran = re.search(rf"\[\d+/10\] {stage} done in ", err)
+        assert (served is None, ran is not None) == ((stage in UNCACHED,) * 2), stage
+        assert f"] {stage} started" in err if stage in UNCACHED else f"] {stage} started" not in err, stage
+    assert "[1/10] load_docs served from the cache (not run again): 5 rows in, 5 rows out" in err
+    assert "] generate_queries served from the cache (not run again): 5 rows in, 5 rows out" in err
+    # Complete, and the same bytes: what the stages computed is the first run's (its generation figures too).
+    assert results(output_dir) == first_results
+    assert second.stdout.split("Generation: ", 1)[1].split("\n")[0] == first.stdout.split("Generation: ", 1)[1].split(
+        "\n")[0]
 
 
 @pytest.mark.slow

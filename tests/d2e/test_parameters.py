@@ -12,7 +12,7 @@ from d2e.targets import KFP_ONLY_PARAMETERS, VERTEX_ONLY_PARAMETERS
 def test_groups_follow_the_data_and_every_stage_with_settings_is_listed():
     assert [group for group, _ in parameters.SETTINGS] == [
         "load_docs", "generate_queries", "embed_score", "mine_negatives", "target", "export", "publish", "finetune",
-        "evaluate"]
+        "evaluate", "export_model"]
     assert [s.name for s in parameters.group_specs("finetune")] == [
         "finetune_epochs", "finetune_batch_size", "finetune_learning_rate", "finetune_warmup_ratio",
         "finetune_negatives", "finetune_hard_negatives", "finetune_mini_batch_size", "finetune_seed"]
@@ -40,8 +40,9 @@ def test_stage_arguments_are_that_stages_settings_by_name():
     values = {s.name: f"value-{s.name}" for s in parameters.group_specs()}
     assert parameters.stage_arguments("evaluate", values) == {
         "min_improvement": "value-min_improvement", "min_eval_queries": "value-min_eval_queries",
-        "force_export": "value-force_export", "model_export_uri": "value-model_export_uri",
-        "hub_model_repo": "value-hub_model_repo"}
+        "force_export": "value-force_export"}
+    assert parameters.stage_arguments("export_model", values) == {
+        "model_export_uri": "value-model_export_uri", "hub_model_repo": "value-hub_model_repo"}
 
 
 def test_a_name_declared_twice_is_refused():

@@ -98,6 +98,47 @@ def test_verbose_shows_the_stages_own_output_live_too(local_pipeline, capfd):
     assert "EXECUTOR CHATTER" in (local_pipeline / "run.log").read_text()
 
 
+def test_a_stage_served_from_the_cache_says_so_with_the_rows_it_served(local_pipeline, capfd):
+    from d2e.console import kfp_local
+
+    root, logs = local_pipeline / ".kfp", []
+    for rows in (3, 3, 4):  # the second run is served from the cache; a new input runs both stages again
+        with kfp_local(root, cache=True), watch_run(local_pipeline, root, two_stages):
+            two_stages(rows=rows)
+        logs.append((local_pipeline / "run.log").read_text())
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[")]
+    assert [line.split(" s: ")[0].split(" done in ")[0] for line in lines] == [
+        "[1/2] make_rows started", "[1/2] make_rows", "[2/2] keep_rows started (3 rows in)", "[2/2] keep_rows",
+        "[1/2] make_rows served from the cache (not run again): - rows in, 3 rows out",
+        "[2/2] keep_rows served from the cache (not run again): 3 rows in, 3 rows out",
+        "[1/2] make_rows started", "[1/2] make_rows", "[2/2] keep_rows started (4 rows in)", "[2/2] keep_rows"]
+    assert lines[-1].endswith(" s: 4 rows in, 4 rows out")
+    assert ["cache hit" in log for log in logs] == [False, True, False]
+
+
+def test_a_sharded_stage_counts_the_shards_the_cache_served_and_those_that_ran(tmp_path):
+    import pandas as pd
+
+    run_dir = tmp_path / "earlier-run" / "for-loop-2" / "gen"
+    (run_dir / "out").mkdir(parents=True)
+    pd.DataFrame({"x": range(2)}).to_parquet(run_dir / "out" / "train.parquet")
+    (tmp_path / ".kfp_cache").mkdir()
+    entry = {"out": {"__kfp_artifact__": True, "uri": str(run_dir / "out"), "name": "out", "metadata": {}}}
+    (tmp_path / ".kfp_cache" / "abcdef123456ffff.json").write_text(json.dumps(entry))
+    ran = tmp_path / "this-run" / "for-loop-2" / "gen" / "out"
+    ran.mkdir(parents=True)
+    pd.DataFrame({"x": range(3)}).to_parquet(ran / "train.parquet")
+    terminal = io.StringIO()
+    console = RunConsole(terminal, tmp_path, {"gen": []}, tmp_path / "run.log", interactive=False,
+                         sharded=frozenset({"gen"}), shards=2)
+    console.line("12:00:00.001 - INFO - Task gen cache hit (key=abcdef123456); skipping execution.")
+    assert terminal.getvalue() == ""  # one shard of two: the stage is not over
+    console.line("12:00:00.002 - INFO - Executing task \x1b[96m'gen'\x1b[0m")
+    console.line("12:00:01.000 - INFO - Task \x1b[96m'gen'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
+    assert terminal.getvalue().startswith("[1/1] gen done in ")
+    assert terminal.getvalue().endswith(" s (1 of 2 shards served from the cache): - rows in, 5 rows out\n")
+
+
 def test_the_live_bar_shows_count_rate_tokens_and_failures(tmp_path):
     from rich.console import Console
 

@@ -29,7 +29,7 @@ GPU_PARAMETERS = {"kfp": ("gpu_accelerator_type", "gpu_count"),
 SECRET_PATHS = (
     ("OPENAI_API_KEY", "openai-api-key", "openai_secret_resource", ("generate-queries",)),
     ("ARGILLA_API_KEY", "argilla-api-key", "argilla_secret_resource", ("publish",)),
-    ("HF_TOKEN", "hf-token", "hf_secret_resource", ("publish", "evaluate")),
+    ("HF_TOKEN", "hf-token", "hf_secret_resource", ("publish", "export-model")),
 )
 
 
