@@ -38,18 +38,45 @@ def tiny_corpus(folder: Path, train_rows: list[int], test_rows: list[int]) -> Pa
     return folder
 
 
-def timed_run(args: list[str]) -> dict:
+def read_lines(process: subprocess.Popen, started: float) -> list[tuple[float, str, str]]:
+    """(seconds since `started`, "stdout" or "stderr", line) for every line of both pipes, as they arrived."""
+    import queue
+    import threading
+
+    arrived: queue.Queue = queue.Queue()
+
+    def pump(stream, name):
+        for line in stream:
+            arrived.put((time.perf_counter() - started, name, line))
+        arrived.put(None)
+
+    readers = [threading.Thread(target=pump, args=(stream, name), daemon=True)
+               for stream, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
+    for reader in readers:
+        reader.start()
+    lines, open_streams = [], len(readers)
+    while open_streams:
+        item = arrived.get()
+        if item is None:
+            open_streams -= 1
+        else:
+            lines.append(item)
+    return lines
+
+
+def timed_run(args: list[str], env: dict | None = None, check: bool = True) -> dict:
     """Run `pipeline.py run ARGS`; total seconds, seconds before the first task and after the last, each task's
-    seconds, the tasks the cache served."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    seconds, the tasks the cache served; and the exit status, stdout and stderr (the end-to-end test reads them)."""
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "pipeline.py", "run", *args], cwd=PROJECT_ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    opened, tasks, cached, first_task, last_task, tail = {}, {}, [], None, 0.0, []
-    for line in process.stdout:
-        now = time.perf_counter() - started
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = read_lines(process, started)
+    returncode = process.wait()
+    seconds = time.perf_counter() - started
+    opened, tasks, cached, first_task, last_task = {}, {}, [], None, 0.0
+    for now, _, line in lines:
         line = ANSI_COLOUR.sub("", line)
-        tail = (tail + [line])[-40:]
         if match := TASK_START.search(line) or TASK_CACHED.search(line):
             opened[match.group(1)] = now
             first_task = now if first_task is None else first_task
@@ -60,11 +87,12 @@ def timed_run(args: list[str]) -> dict:
         elif (match := TASK_END.search(line)) and match.group(1) in opened:
             tasks[match.group(1)] = now - opened.pop(match.group(1))
             last_task = now
-    if process.wait():
-        raise RuntimeError("pipeline.py run failed:\n" + "".join(tail))
-    seconds = time.perf_counter() - started
+    if check and returncode:
+        raise RuntimeError("pipeline.py run failed:\n" + "".join(line for _, _, line in lines[-40:]))
     return {"seconds": seconds, "before_tasks": first_task or 0.0, "after_tasks": seconds - last_task, "tasks": tasks,
-            "cached": cached}
+            "cached": cached, "returncode": returncode,
+            "stdout": "".join(line for _, name, line in lines if name == "stdout"),
+            "stderr": "".join(line for _, name, line in lines if name == "stderr")}
 
 
 def import_floor() -> float:

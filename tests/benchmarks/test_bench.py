@@ -1,6 +1,7 @@
 """`make bench`'s code on tiny sizes (`--quick`): the harness, embed_score against the seed's way, the memory probe
 and the GPU script's dry run on CPU. The figures mean nothing at these sizes; only that the code runs and the scores
-agree. Generation and re-runs run the embedded LLM and whole pipelines: slow tests."""
+agree. Generation runs the embedded LLM: a slow test. The re-runs benchmark's timer and figure are checked by the
+end-to-end test (tests/d2e/test_local_run.py), whose two runs are what that benchmark measures."""
 
 import json
 import math
@@ -89,27 +90,6 @@ def test_peaks_are_found_by_device_name():
 def test_embedded_generation_on_tiny_sizes():
     rows = bench.run(["embedded_generation"], quick=True, output=None)["embedded_generation"]
     assert rows and all(row.ours > 0 for row in rows), rows
-
-
-@pytest.mark.slow
-def test_reruns_times_every_task_of_a_real_run(tmp_path):
-    # The benchmark's two runs on tiny sizes: the second costs a few seconds (served from the task cache), so both
-    # are timed as the benchmark times them.
-    from benchmarks.speed import reruns
-
-    args = reruns.tiny_run_args(tmp_path, quick=True)
-    run = reruns.timed_run(args)
-    stages = {"load_docs", "generate_queries", "embed_score", "mine_negatives", "report", "export", "publish",
-              "finetune", "evaluate", "export_model"}
-    assert set(run["tasks"]) == stages and run["seconds"] > sum(run["tasks"].values()) > 0
-    assert run["cached"] == [] and 0 < run["before_tasks"] < run["seconds"] and 0 < run["after_tasks"] < run["seconds"]
-    second = reruns.timed_run(args)
-    uncached = {"export", "publish", "export_model"}
-    assert set(second["tasks"]) == uncached and set(second["cached"]) == stages - uncached
-    assert second["seconds"] < run["seconds"]
-    row = reruns.rerun_row(run, second, floor=1.0)
-    assert row.ratio == pytest.approx(second["seconds"] / run["seconds"]) and "generate_queries" in row.note
-    assert f"served from the cache: {', '.join(second['cached'])}; ran: " in row.note
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -146,8 +147,30 @@ def check_console(result, output_dir):
     assert (output_dir / "report.md").read_text().split("\n")[2] == "## Summary"
 
 
+def timed_cli_run(args):
+    """`pipeline.py run` timed by the re-runs benchmark's own reader (benchmarks/speed/reruns.py): this test's two runs
+    are what that benchmark measures, so its reading of a real run is checked here rather than in two more runs."""
+    from benchmarks.speed import reruns
+
+    timed = reruns.timed_run(args[1:], check=False)
+    return SimpleNamespace(**timed)
+
+
+def check_rerun_timing(first, second):
+    """What the re-runs benchmark reads from the two runs: every stage timed, then the cached ones named."""
+    from benchmarks.speed import reruns
+
+    assert set(first.tasks) == set(STAGES) and first.cached == [], (first.tasks, first.cached)
+    assert first.seconds > sum(first.tasks.values()) > 0
+    assert 0 < first.before_tasks < first.seconds and 0 < first.after_tasks < first.seconds
+    assert set(second.tasks) == set(UNCACHED) and set(second.cached) == set(STAGES) - set(UNCACHED)
+    assert second.seconds < first.seconds
+    row = reruns.rerun_row(vars(first), vars(second), floor=1.0)
+    assert row.ratio == pytest.approx(second.seconds / first.seconds) and "evaluate" in row.note
+
+
 def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
-    first = run_cli(*args)
+    first = timed_cli_run(args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     check_console(first, tmp_path / "out")
     info = local_server.read_running(argilla_data)
@@ -180,9 +203,10 @@ def _run_twice_and_check(args, tmp_path, argilla_data, local_server):
     first_results = results(tmp_path / "out")
     assert {"train.parquet", "test.parquet", "report.html", "metrics.json", "evaluation.json"} <= set(first_results)
 
-    second = run_cli(*args)
+    second = timed_cli_run(args)
     assert second.returncode == 0, second.stderr[-3000:]
     check_second_run(second, first, tmp_path / "out", first_results)
+    check_rerun_timing(first, second)
     assert sorted(r.id for r in _argilla_records(local_server, argilla_data)) == sorted(r.id for r in records)
 
 
