@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.speed import Row, benchmark
 from benchmarks.speed.data import KUBEFLOW_DOCS, PROJECT_ROOT
 
-# The run's own stage lines (d2e/progress.py): "[2/9] generate_queries started", "... done in 14.2 s: ...".
+# The run's own stage lines (d2e/progress.py): "[2/10] generate_queries started", "... done in 14.2 s: ...".
 TASK_START = re.compile(r"^\[\d+/\d+\] (\w+) started")
 TASK_END = re.compile(r"^\[\d+/\d+\] (\w+) (?:done in|FAILED after)")
 TASK_CACHED = re.compile(r"^\[\d+/\d+\] (\w+) served from the cache")

@@ -238,7 +238,7 @@ def test_local_run_with_bad_input_stops_with_the_reason_and_keeps_the_previous_r
     result = run_cli("run", "--dataset", str(folder), "--output-dir", str(out), "--no-llm-cache", "--no-argilla")
     assert result.returncode == 1
     # The failing stage's last lines reach the terminal, with the log's path; the kfp dumps stay in the log.
-    assert "[1/9] load_docs FAILED after " in result.stderr
+    assert "[1/10] load_docs FAILED after " in result.stderr
     assert "has no text column 'page_content'. Columns found: ['text']" in result.stderr
     assert f"The whole log: {out / 'run.log'}" in result.stderr
     assert "The pipeline stopped" in result.stderr
