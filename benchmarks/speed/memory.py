@@ -3,7 +3,9 @@
 Each size runs in a fresh process (benchmarks/speed/memory_probe.py), so a peak is that run's alone. The rows
 repeat the Kubeflow corpus's chunks, a chunk's rows adjacent (as generate_queries writes them), so embed_score's
 work stays near one encoding per chunk while its input and output grow tenfold. finetune's input is embed_score-like
-output: a 384-float anchor vector per row, three mined negatives, every row kept.
+output: a 384-float anchor vector per row, three mined negatives, every row kept; its prepared dataset is memory-mapped
+from a temporary file, so the probe also reads it once through and reports what is then resident, anonymous memory
+apart from the file's pages (see memory_probe.py).
 """
 
 import json
@@ -69,6 +71,11 @@ def measure(sizes: tuple[int, int], chunk_count: int) -> list[Row]:
         note = (f"peak at {large:,} rows / peak at {small:,} (target <= 2x); above the ready process "
                 f"({low['ready_mb']:.0f} MB after imports{' and model load' if stage == 'embed' else ''}): "
                 f"{high['peak_mb'] - high['ready_mb']:.0f} MB vs {low['peak_mb'] - low['ready_mb']:.0f} MB")
+        if stage == "finetune":
+            note += (f"; resident after one read of every prepared row ({high['rows']:,} vs {low['rows']:,}): "
+                     f"anonymous {high['read_anon_mb']:.0f} vs {low['read_anon_mb']:.0f} MB, file-backed (the "
+                     f"memory-mapped dataset's pages read, which the kernel may drop, and the libraries) "
+                     f"{high['read_file_mb']:.0f} vs {low['read_file_mb']:.0f} MB")
         result.append(Row(f"{label} peak memory, {large:,} vs {small:,} rows", high["peak_mb"], low["peak_mb"],
                           "MB", note=note))
     return result

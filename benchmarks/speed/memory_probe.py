@@ -6,6 +6,11 @@
 `ready_mb` is the resident size after the imports (and, for embed, the model load), before any data is read;
 `peak_mb` the process's peak resident size (VmHWM; not ru_maxrss, which Linux carries over from the parent process
 across fork and exec, so a child of a big process reports its parent's peak).
+
+finetune's prepared dataset is an Arrow file memory-mapped from a temporary folder: its pages count in VmHWM only
+once read. `peak_mb` is taken when the dataset is ready (the preparation's peak); then one pass reads every row, as
+an epoch of training does, and `read_anon_mb` / `read_file_mb` are the resident anonymous memory (what the process
+holds) and file-backed memory (the mapped pages read, which the kernel may drop and read again) after it.
 """
 
 import json
@@ -31,15 +36,23 @@ def main(argv: list[str]) -> int:
         load_model(EMBEDDED_EMBEDDING_MODEL, "cpu")  # the model's own memory counts in ready_mb
         ready = status_mb("VmRSS")
         embed_score(paths[0], paths[1], EMBEDDED_EMBEDDING_MODEL, device="cpu")
+        peak, extra = status_mb("VmHWM"), {}
     elif what == "finetune-data":
-        from components.finetune import load_training_data
+        import datasets  # noqa: F401  the data path's libraries count in ready_mb, as the model does for embed
+        import pandas  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+
+        from components.finetune import temporary_training_data
 
         ready = status_mb("VmRSS")
-        dataset, counts, _ = load_training_data(paths[0], "mined", seed=0, batch_size=16)
+        with temporary_training_data(paths[0], "mined", seed=0, batch_size=16) as (dataset, counts, _):
+            peak = status_mb("VmHWM")
+            for _ in dataset.iter(batch_size=1024):
+                pass
+            extra = {"rows": len(dataset), "read_anon_mb": status_mb("RssAnon"), "read_file_mb": status_mb("RssFile")}
     else:
         raise SystemExit(f"unknown data path {what!r}")
-    peak = status_mb("VmHWM")
-    print(json.dumps({"ready_mb": ready, "peak_mb": peak}))
+    print(json.dumps({"ready_mb": ready, "peak_mb": peak, **extra}))
     return 0
 
 

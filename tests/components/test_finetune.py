@@ -3,20 +3,24 @@ seeded fill-ins), a real (tiny) training run per mode that yields a loadable Mat
 diverged run that fails the stage."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from components.common import StageError, matryoshka_dims, resolve_embedding_model
+from components.common import StageError, matryoshka_dims, resolve_embedding_model, training_rows, valid_pairs
 from components.finetune import (
     TRAINING_STATS,
+    _as_list,
     build_loss,
     check_finite,
     column_prompts,
     finetune,
     load_training_data,
     negative_mode,
+    temporary_training_data,
     train,
     training_dataset,
 )
@@ -114,6 +118,104 @@ def test_fill_ins_never_take_the_own_chunk_even_when_the_split_is_tiny(kubeflow_
     frame["hard_negatives"] = [["a chunk of the split that no row has"], []]
     with pytest.raises(StageError, match="1 distinct chunks.*finetune_negatives='in-batch'"):
         training_dataset(frame, "mined")
+
+
+def previous_training_columns(frame, negatives: str, seed: int) -> tuple[dict[str, list], dict[str, int]]:
+    """The loss's columns and the counts as finetune built them before its dataset went to disk, kept here as the
+    reference: the whole split in memory, each fill-in picked from a list of the pool without the excluded chunks."""
+    rows = training_rows(frame)
+    pool = list(dict.fromkeys(text for text in frame["anchor"] if isinstance(text, str)))
+    columns = {"query": list(rows["positive"]), "document": list(rows["anchor"])}
+    counts = {"train_rows": len(frame), "valid_train_rows": len(valid_pairs(frame)), "training_rows": len(rows),
+              "hard_negative_columns": 0}
+    if negatives == "llm":
+        columns["hard_negative"] = list(rows["negative"])
+        counts["hard_negative_columns"] = 1
+    elif negatives == "mined":
+        mined = [_as_list(value) for value in rows["hard_negatives"]]
+        width = max((len(row) for row in mined), default=0)
+        rng = np.random.default_rng(seed)
+        filled_rows = filled = 0
+        for row, own in zip(mined, rows["anchor"]):
+            need = width - len(row)
+            if need <= 0:
+                continue
+            excluded = {own, *row}
+            allowed = [text for text in pool if text not in excluded]
+            picks = rng.choice(len(allowed), size=need, replace=len(allowed) < need)
+            row.extend(allowed[index] for index in picks)
+            filled_rows, filled = filled_rows + 1, filled + need
+        columns.update({f"negative_{i + 1}": [row[i] for row in mined] for i in range(width)})
+        counts.update(hard_negative_columns=width, rows_filled=filled_rows, negatives_filled=filled)
+    return columns, counts
+
+
+def varied_split(kubeflow_docs) -> pd.DataFrame:
+    """A scored train split with what preparation meets: two queries per chunk (adjacent rows), rows with 3, 2, 1 or
+    no mined negatives (missing, too), a mined negative that is no row's chunk, failed, empty and dropped rows."""
+    frame = triplet_frame(kubeflow_docs, rows=60, invalid=10, dropped=9, negatives=3)
+    frame["anchor"] = [frame["anchor"][i - i % 2] for i in range(len(frame))]
+    mined = [list(negatives) for negatives in frame["hard_negatives"]]
+    for i in range(0, len(frame), 7):
+        mined[i] = []
+    for i in range(3, len(frame), 11):
+        mined[i] = ["a chunk that no row of this split has", *mined[i][:1]]
+    mined[5] = None
+    frame["hard_negatives"] = mined
+    frame["anchor-vector"] = [[0.25] * 4] * len(frame)
+    return frame
+
+
+@pytest.mark.parametrize("mode", ["mined", "llm", "in-batch"])
+def test_the_prepared_dataset_on_disk_holds_the_rows_the_previous_in_memory_build_gave(tmp_path, kubeflow_docs,
+                                                                                         monkeypatch, mode):
+    """Rows, their order, the columns and their types, the seeded fill-ins and the counts are those of the
+    previous code; the dataset is an Arrow file in a folder of the temp dir, which is gone after the block."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    varied_split(kubeflow_docs).to_parquet(tmp_path / "train.parquet", index=False)
+    split = pd.read_parquet(tmp_path / "train.parquet")  # as the stage reads it: list cells as numpy arrays
+    expected, expected_counts = previous_training_columns(split, mode, seed=11)
+    if mode == "mined":  # the case this test is about: many rows filled, so the random picks must line up
+        assert expected_counts["rows_filled"] >= 20 and expected_counts["hard_negative_columns"] == 3
+    with temporary_training_data(tmp_path, mode, seed=11, batch_size=8, stream_rows=7) as (dataset, counts, _):
+        files = [Path(entry["filename"]) for entry in dataset.cache_files]
+        assert len(files) == 1 and files[0].parent.parent == scratch  # on disk, in the task's temp dir
+        assert dataset.column_names == list(expected) and dataset.to_dict() == expected
+        assert counts == expected_counts
+        from datasets import Dataset
+
+        assert dataset.features == Dataset.from_dict(expected).features  # all strings, as before
+        in_memory, memory_counts = training_dataset(split, mode, seed=11)
+        assert in_memory.cache_files == [] and in_memory.to_dict() == expected and memory_counts == expected_counts
+    assert not files[0].parent.exists()
+
+
+def test_the_temporary_dataset_is_removed_when_preparation_or_training_fails(tmp_path, kubeflow_docs, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    frame = triplet_frame(kubeflow_docs, rows=4)
+    frame.to_parquet(tmp_path / "train.parquet", index=False)
+    with pytest.raises(RuntimeError, match="training failed"):
+        with temporary_training_data(tmp_path, "mined", seed=0, batch_size=2) as (dataset, _, _):
+            assert Path(dataset.cache_files[0]["filename"]).exists()
+            raise RuntimeError("training failed")
+    assert list(scratch.iterdir()) == []
+    # Fill-ins that cannot be found fail while the file is being written: the partial file goes too.
+    frame["anchor"] = frame["anchor"][0]
+    frame["hard_negatives"] = [["a chunk that no row has"], [], [], []]
+    frame.to_parquet(tmp_path / "train.parquet", index=False)
+    with pytest.raises(StageError, match="1 distinct chunks"):
+        with temporary_training_data(tmp_path, "mined", seed=0, batch_size=2, stream_rows=2):
+            pass
+    assert list(scratch.iterdir()) == []
+    frame.head(0).to_parquet(tmp_path / "train.parquet", index=False)
+    with pytest.raises(StageError, match="0 training rows"):
+        with temporary_training_data(tmp_path, "in-batch", seed=0, batch_size=2):
+            pass
+    assert list(scratch.iterdir()) == []
 
 
 def test_negatives_modes_and_the_deprecated_switch():
