@@ -77,11 +77,11 @@ def generate(source: str, output_dir: Path, split: str, queries_per_chunk: int,
         return generate_queries(docs, output_dir, settings)
 
 
-def embed(input_dir: Path, output_dir: Path) -> dict[str, Any]:
-    """embed_score with the embedded model."""
+def embed(input_dir: Path, output_dir: Path, backend: str = "torch") -> dict[str, Any]:
+    """embed_score with the embedded model, on the CPU for an exported `backend` (embedding_backend)."""
     from components.embed_score import embed_score
 
-    return embed_score(input_dir, output_dir, EMBEDDING_MODEL)
+    return embed_score(input_dir, output_dir, EMBEDDING_MODEL, backend=backend)
 
 
 def mining_settings(roundtrip_k: int | None = None):

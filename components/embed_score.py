@@ -26,12 +26,12 @@ from components.common import (
     StageError,
     get_logger,
     is_text,
-    load_model,
     resolve_embedding_model,
     split_path,
     stage_component,
     write_json,
 )
+from components.embed_backends import BACKENDS, TORCH, load_encoder
 from components.parquet_stream import STREAM_ROWS, FrameWriter, input_schema, iter_frames
 from components.progress import ProgressReporter
 from components.settings import setting
@@ -51,6 +51,10 @@ class EmbedScoreSettings:
                                    f"{EMBEDDED_EMBEDDING_MODEL}", local=EMBEDDED_EMBEDDING_MODEL)
     # 256 was fastest on an H200 (docs/benchmarks.md: 22.6% of peak, against 17.7% at 64); 64 on a CPU.
     embedding_batch_size: int = setting(256, "texts per encoding batch", local=64, minimum=1, maximum=65536)
+    # The exported backends run on the CPU only; docs/benchmarks.md has their speed and score differences.
+    embedding_backend: str = setting(TORCH, "how embed_score runs the model: torch (CUDA fp16 on a GPU), or on the "
+                                     "CPU onnx (ONNX Runtime, fp32) or openvino (bf16 where the CPU has it)",
+                                     choices=BACKENDS)
 
 
 def token_lengths(model, texts: list[str]) -> list[int]:
@@ -194,6 +198,7 @@ def embed_score(
     device: str = "auto",
     batch_size: int = 64,
     stream_rows: int = STREAM_ROWS,
+    backend: str = TORCH,
 ) -> dict[str, Any]:
     """Embed and score both splits, `stream_rows` rows at a time (memory stays bounded); write them and stats.json.
 
@@ -205,12 +210,14 @@ def embed_score(
     if missing:
         raise StageError(f"Expected {', '.join(missing)} from the previous stage, but it does not exist.")
     _, model_label = resolve_embedding_model(embedding_model)
-    model = load_model(embedding_model, device)
+    model = load_encoder(embedding_model, device, backend)
     stats: dict[str, Any] = {
         "embedding_model": model_label,
         "dimension": int(model.get_embedding_dimension()),
         "max_seq_length": int(model.max_seq_length),
         "device": str(model.device),
+        "embedding_backend": backend,
+        "precision": getattr(model, "precision", "fp16" if str(model.device).startswith("cuda") else "fp32"),
         "encoded_texts": 0,
         "splits": {},
     }
@@ -232,12 +239,13 @@ def embed_score(
 
 @stage_component("embed_score")
 def embed_score_component(triplets: Input[Dataset], embedding_model: str, embedding_batch_size: int,
-                          scored: Output[Dataset]):
+                          embedding_backend: str, scored: Output[Dataset]):
     """Embed anchor/positive/negative with the base model and add similarities and the anchor vector."""
     from components.embed_score import EmbedScoreSettings, embed_score
     from components.settings import from_arguments
 
     settings = from_arguments(EmbedScoreSettings, locals())
-    stats = embed_score(triplets.path, scored.path, settings.embedding_model, batch_size=settings.embedding_batch_size)
+    stats = embed_score(triplets.path, scored.path, settings.embedding_model, batch_size=settings.embedding_batch_size,
+                        backend=settings.embedding_backend)
     scored.metadata.update({"embedding_model": stats["embedding_model"], "dimension": stats["dimension"],
-                            "device": stats["device"]})
+                            "device": stats["device"], "embedding_backend": stats["embedding_backend"]})

@@ -224,8 +224,9 @@ def _stage_rows(load_stats: dict, generation_stats: dict, embed_stats: dict) -> 
                  + (f"${g['estimated_cost_usd']:.4f}" if g.get("estimated_cost_usd") is not None else "unknown")))
     e = embed_stats
     window = sum(s["exceeds_model_window"] for s in e["splits"].values())
-    rows.append(("embed_score", f"{e['embedding_model']} on {e['device']}, dimension {e['dimension']}; {window} "
-                 f"chunks exceed the model's {e['max_seq_length']}-token window (their tail is not embedded)"))
+    backend = f" ({e['embedding_backend']}, {e['precision']})" if "embedding_backend" in e else ""
+    rows.append(("embed_score", f"{e['embedding_model']} on {e['device']}{backend}, dimension {e['dimension']}; "
+                 f"{window} chunks exceed the model's {e['max_seq_length']}-token window (their tail is not embedded)"))
     return rows
 
 

