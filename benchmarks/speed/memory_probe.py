@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
         import pandas  # noqa: F401
         import pyarrow.parquet  # noqa: F401
 
-        from components.finetune import temporary_training_data
+        from components.finetune_data import temporary_training_data
 
         ready = status_mb("VmRSS")
         with temporary_training_data(paths[0], "mined", seed=0, batch_size=16) as (dataset, counts, _):

@@ -11,17 +11,12 @@ import pandas as pd
 import pytest
 
 from components.common import StageError, matryoshka_dims, resolve_embedding_model, training_rows, valid_pairs
-from components.finetune import (
-    TRAINING_STATS,
+from components.finetune import TRAINING_STATS, build_loss, check_finite, column_prompts, finetune, train
+from components.finetune_data import (
     _as_list,
-    build_loss,
-    check_finite,
-    column_prompts,
-    finetune,
     load_training_data,
     negative_mode,
     temporary_training_data,
-    train,
     training_dataset,
 )
 
