@@ -172,7 +172,7 @@ def test_load_docs_image_builds_and_runs_the_stage_as_kfp_would(offline_base, tm
     assert container["image"] == STAGE_IMAGES["load_docs"]
     executor_input = {
         "inputs": {"parameterValues": {"dataset": "/data/docs", "limit": 0, "text_column": "page_content",
-                                       "docs_base_url": "https://docs.example.com"}},
+                                       "docs_base_url": "https://docs.example.com", "inputs_fingerprint": ""}},
         "outputs": {"artifacts": {"docs": {"artifacts": [{"name": "docs", "type": {"schemaTitle": "system.Dataset"},
                                                           "uri": "/out/docs", "metadata": {}}]}},
                     "outputFile": "/out/executor_output.json"},
