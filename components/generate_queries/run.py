@@ -224,14 +224,13 @@ def run_in_clean_workers(run: Callable[[], Any]) -> Any:
     context class at import time, so that class is swapped for the duration of the run.
     """
     import multiprocessing
-    from multiprocessing import forkserver
 
     from distilabel.pipeline import local as distilabel_local
 
     global _fork_server_environment
     environment = hash(frozenset(os.environ.items()))
     if _fork_server_environment not in (None, environment):
-        forkserver._forkserver._stop()  # the next worker starts a fresh server with today's environment
+        stop_fork_server()  # the next worker starts a fresh server with today's environment
     _fork_server_environment = environment
     multiprocessing.set_forkserver_preload(list(WORKER_PRELOAD))
 
@@ -247,6 +246,14 @@ def run_in_clean_workers(run: Callable[[], Any]) -> Any:
     finally:
         distilabel_local._NoDaemonContext = previous_context
         multiprocessing.set_start_method(previous_method, force=True)
+
+
+def stop_fork_server() -> None:
+    """Stop the workers' fork server if one runs (the next run starts a fresh one). It is waited for, so the CPU time
+    of the workers it forked is then counted in this process's children's (what the generation benchmark reads)."""
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()  # CPython's own (test) hook: closes the server's lifeline and waits for it
 
 
 def remove_closed_queue_handlers() -> None:
