@@ -17,6 +17,7 @@ MODULES = (
     "benchmarks.speed.generation",
     "benchmarks.speed.reruns",
     "benchmarks.speed.api_generation",
+    "benchmarks.speed.stage_times",
 )
 
 

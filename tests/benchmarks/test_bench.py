@@ -14,7 +14,8 @@ from benchmarks.speed import BENCHMARKS, Row, benchmark, load
 
 
 def test_every_benchmark_of_the_issue_is_registered():
-    assert {"embed_score_cpu", "memory", "embedded_generation", "reruns"} <= set(load())
+    issue = {"embed_score_cpu", "memory", "embedded_generation", "reruns", "api_generation", "stage_times"}
+    assert issue <= set(load())
 
 
 def test_a_row_s_ratio_is_ours_over_the_baseline_unless_given():
@@ -110,3 +111,25 @@ def test_api_generation_measures_concurrency_against_a_real_server(tmp_path, mon
     # 8 requests in flight against a server that waits 0.2 s a request: several times the serial rate.
     assert parallel["ratio"] > 2.5, parallel
     assert "most requests in flight at the server: 8" in parallel["note"]
+
+
+def test_stage_times_split_each_stage_into_a_fixed_part_and_a_part_per_chunk():
+    from benchmarks.speed import stage_times
+
+    # generate: 2 s fixed + 3 s a chunk; embed: 6 s fixed + 0.1 s a chunk; a noisy stage that got faster: no slope.
+    small = {"tasks": {"generate": 2 + 3 * 10, "embed": 6 + 0.1 * 10, "report": 1.2}, "seconds": 50.0,
+             "before_tasks": 1.5, "after_tasks": 0.5}
+    large = {"tasks": {"generate": 2 + 3 * 40, "embed": 6 + 0.1 * 40, "report": 1.0}, "seconds": 140.0,
+             "before_tasks": 1.5, "after_tasks": 0.5}
+    fitted = stage_times.fit(small, large, 10, 40)
+    assert fitted["generate"]["per_chunk"] == pytest.approx(3.0) and fitted["generate"]["fixed"] == pytest.approx(2.0)
+    assert fitted["generate"]["per_thousand"] == pytest.approx(3002.0)
+    assert fitted["embed"]["per_thousand"] == pytest.approx(106.0)
+    assert fitted["embed"]["fixed_share"] == pytest.approx(6 / 106)
+    assert fitted["report"] == {"per_chunk": 0.0, "fixed": 1.2, "per_thousand": 1.2, "fixed_share": 1.0}
+    rows = stage_times.stage_rows(fitted, small, large, (10, 40), floor=5.0)
+    assert [row.name.split(",")[1].split(":")[0].strip() for row in rows] == ["generate", "embed", "report",
+                                                                              "all stages"]
+    total = rows[-1]
+    assert total.ours == pytest.approx(3002 + 106 + 1.2 + 2.0)
+    assert "pipeline overhead" in total.note and f"{(2 + 6 + 1.2 + 2) / total.ours:.1%}" in total.note
