@@ -18,6 +18,7 @@ MODULES = (
     "benchmarks.speed.reruns",
     "benchmarks.speed.api_generation",
     "benchmarks.speed.stage_times",
+    "benchmarks.speed.llama_batching",
 )
 
 

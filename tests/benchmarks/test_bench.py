@@ -133,3 +133,10 @@ def test_stage_times_split_each_stage_into_a_fixed_part_and_a_part_per_chunk():
     total = rows[-1]
     assert total.ours == pytest.approx(3002 + 106 + 1.2 + 2.0)
     assert "pipeline overhead" in total.note and f"{(2 + 6 + 1.2 + 2) / total.ours:.1%}" in total.note
+
+
+def test_llama_batching_decodes_several_sequences_with_the_embedded_model():
+    rows = bench.run(["llama_batching"], quick=True, output=None)["llama_batching"]
+    assert [row.name for row in rows] == ["llama.cpp generation, 2 sequences at once vs 1",
+                                          "llama.cpp prompt processing, 2 sequences vs 1"]
+    assert all(row.ours > 0 and row.baseline > 0 and row.ratio > 0 for row in rows), rows
