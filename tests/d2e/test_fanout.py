@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.common import ANCHOR_VECTOR, CHUNK_ID, EMBEDDED_EMBEDDING_MODEL, SPLITS
+from components.common import ANCHOR_VECTOR, CHUNK_ID, EMBEDDED_EMBEDDING_MODEL, SPLITS, read_splits
 from components.sharding import shard_of, shard_rows
 from components.shards import merge_rows
 from d2e.fanout import run_fan_out_locally
@@ -70,16 +70,12 @@ SETTINGS = dict(llm="openai:test-model", queries_per_chunk=2, llm_concurrency=4,
                 llm_prices='{"test-model": [1.0, 2.0]}')
 
 
-def read_splits_of(folder: Path) -> dict[str, pd.DataFrame]:
-    return {split: pd.read_parquet(folder / f"{split}.parquet") for split in SPLITS}
-
-
 def run_locally(root: Path, chunks: Path, server: FaultyOpenAIServer, shards: int) -> dict[str, pd.DataFrame]:
     """One kfp.local run of load_docs and the fan-out; the merged scored rows per split."""
     merged = run_fan_out_locally(root, dataset=str(chunks), llm_base_url=server.base_url,
                                  llm_cache_uri=str(root / "llm-cache"), embedding_model=EMBEDDED_EMBEDDING_MODEL,
                                  shards=shards, **SETTINGS)
-    return read_splits_of(merged)
+    return read_splits(merged)
 
 
 def run_unsharded(root: Path, chunks: Path, server: FaultyOpenAIServer) -> dict[str, pd.DataFrame]:
@@ -94,7 +90,7 @@ def run_unsharded(root: Path, chunks: Path, server: FaultyOpenAIServer) -> dict[
                                           "llm_cache_uri": str(root / "llm-cache")})
     generate_queries(root / "docs", root / "triplets", settings)
     embed_score(root / "triplets", root / "scored", EMBEDDED_EMBEDDING_MODEL)
-    return read_splits_of(root / "scored")
+    return read_splits(root / "scored")
 
 
 @pytest.mark.slow
