@@ -13,10 +13,18 @@ from urllib.parse import urlsplit
 
 from components.common import StageError
 from components.generate_queries.prompts import output_schema
-from components.generate_queries.settings import DEFAULT_REQUEST_TIMEOUT, EMBEDDED_LLM_NAMES, JSON_MODES, LOCAL_LLM
+from components.generate_queries.settings import (
+    DEFAULT_REQUEST_TIMEOUT,
+    EMBEDDED_LLM_NAMES,
+    JSON_MODES,
+    LOCAL_LLM,
+    GenerationSettings,
+    GenerationTuning,
+)
 from components.generate_queries.validation import OPENAI_STRICT_SCHEMA
 from components.storage import sha256_file
 
+MAX_TEMPERATURE = 2.0
 OPENAI_API_HOST = "api.openai.com"
 OPENAI_API_URL = "https://api.openai.com/v1"
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
@@ -153,6 +161,24 @@ def response_format_for(spec: LLMSpec, json_mode: str = "auto", base_url: Option
     if json_mode == "json_object":
         return {"type": "json_object"}
     return None
+
+
+def generation_kwargs(spec: LLMSpec, settings: GenerationSettings, tuning: GenerationTuning,
+                      output_format: Optional[dict], attempt: int = 1,
+                      logit_bias: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """The arguments of one distilabel generation: temperature (raised on each regeneration), length, the output
+    constraint, and for llama.cpp its repetition penalty and an optional logit bias (steering.py)."""
+    temperature = min(MAX_TEMPERATURE, settings.temperature + (attempt - 1) * tuning.temperature_step)
+    kwargs: dict[str, Any] = {"temperature": temperature, "max_new_tokens": settings.max_new_tokens}
+    if spec.provider == "llamacpp":
+        # llama.cpp compiles the schema (with the style's pattern) into a grammar: the reply always parses.
+        extra: dict[str, Any] = {"response_format": output_format, "repeat_penalty": tuning.repeat_penalty}
+        if logit_bias:
+            extra["logit_bias"] = logit_bias
+        kwargs["extra_generation_kwargs"] = extra
+    elif output_format is not None:
+        kwargs["extra_body"] = {"response_format": output_format}
+    return kwargs
 
 
 def build_llm(spec: LLMSpec, n_ctx: int = 4096, timeout: float = DEFAULT_REQUEST_TIMEOUT, base_url: str = ""):

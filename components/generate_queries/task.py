@@ -27,6 +27,7 @@ from components.generate_queries.llm import (
     LLMSpec,
     RowRequest,
     build_llm,
+    generation_kwargs,
     legacy_llm_identity,
     llm_identity,
     response_format_for,
@@ -43,6 +44,7 @@ from components.generate_queries.status import (
     record_pair,
     record_review_flag,
 )
+from components.generate_queries.steering import EXAMPLE_WORD_BIAS, ExampleWordBias
 from components.generate_queries.validation import parse_generation, restates_instructions, validate_pair
 from components.progress import ProgressReporter
 from components.tracebacks import plain_tracebacks
@@ -52,7 +54,6 @@ plain_tracebacks()  # importing distilabel installed rich tracebacks that print 
 # At most this many cache look-ups at once: against object storage each is a round trip.
 CACHE_LOOKUP_THREADS = 16
 DEFAULT_STYLE = "question"
-MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class QueryTripletTask(GenerateSentencePair):
     _breaker: Any = PrivateAttr(default=None)
     _limit: Any = PrivateAttr(default=None)
     _slots: Any = PrivateAttr(default=None)
+    _word_bias: Any = PrivateAttr(default=None)
 
     def load(self) -> None:
         """Load the LLM, open the row cache and work out the output constraint and the instruction words."""
@@ -113,6 +115,8 @@ class QueryTripletTask(GenerateSentencePair):
         # Plain lines in the stage's log; in a local run also the live bar's events (components/progress.py).
         self._progress = ProgressReporter("generate_queries", self.total_rows, logger=get_logger("generate_queries"),
                                           tokens=True, failures=True)
+        if self.spec.provider == "llamacpp":  # steering.py: keeps the model off the worked examples' words
+            self._word_bias = ExampleWordBias(self.llm._model.tokenize)  # noqa: SLF001
         self._breaker = ConnectionBreaker(str(getattr(self.llm, "base_url", "") or ""))
         if isinstance(self.llm, OpenAILLM):
             # The pydantic field takes whole seconds; the client takes any float.
@@ -149,6 +153,8 @@ class QueryTripletTask(GenerateSentencePair):
         so from there on the variant itself is part of the key (earlier keys stay as they were).
         """
         generation = self._generation_kwargs(style)
+        if self._word_bias is not None:  # the per-prompt bias follows from the messages; its rule is in the key
+            generation = {**generation, "example_word_bias": EXAMPLE_WORD_BIAS}
         if variant >= len(styles()[style]["examples"]):
             generation = {**generation, "query_variant": variant}
         return row_cache_key(identity or self._identity, messages, generation)
@@ -188,17 +194,10 @@ class QueryTripletTask(GenerateSentencePair):
 
     # -- one attempt -----------------------------------------------------------------------------------------
 
-    def _generation_kwargs(self, style: str = DEFAULT_STYLE, attempt: int = 1) -> dict[str, Any]:
-        temperature = min(MAX_TEMPERATURE, self.settings.temperature + (attempt - 1) * self.tuning.temperature_step)
-        kwargs: dict[str, Any] = {"temperature": temperature, "max_new_tokens": self.settings.max_new_tokens}
-        output_format = self._output_formats.get(style)
-        if self.spec.provider == "llamacpp":
-            # llama.cpp compiles the schema (with the style's pattern) into a grammar: the reply always parses.
-            kwargs["extra_generation_kwargs"] = {"response_format": output_format,
-                                                 "repeat_penalty": self.tuning.repeat_penalty}
-        elif output_format is not None:
-            kwargs["extra_body"] = {"response_format": output_format}
-        return kwargs
+    def _generation_kwargs(self, style: str = DEFAULT_STYLE, attempt: int = 1,
+                           logit_bias: Optional[dict[str, float]] = None) -> dict[str, Any]:
+        return generation_kwargs(self.spec, self.settings, self.tuning, self._output_formats.get(style), attempt,
+                                 logit_bias)
 
     def _judge(self, row: dict[str, Any], number: int, attempt: Attempt) -> Judgement:
         """Record attempt `number` on the row and say what its reply is worth."""
@@ -223,7 +222,8 @@ class QueryTripletTask(GenerateSentencePair):
 
     async def _request(self, messages: list[dict[str, str]], style: str = DEFAULT_STYLE, attempt: int = 1) -> Attempt:
         """One generation, with transport retries for an API endpoint."""
-        kwargs = self._generation_kwargs(style, attempt)
+        bias = self._word_bias(messages[-1]["content"]) if self._word_bias is not None else None
+        kwargs = self._generation_kwargs(style, attempt, bias)
         if not isinstance(self.llm, AsyncLLM):  # in-process and serial: nothing to retry, nothing to overlap
             try:
                 output = self.llm.generate_outputs(inputs=[messages], num_generations=1, **kwargs)[0]
