@@ -1,7 +1,8 @@
 """The quality benchmark (`make quality`): what each part of the training data does to the embedded model.
 
-From the fixture of generated Kubeflow queries (benchmarks/data), embed_score runs once and mine_negatives once per
-needed setting (both cached under the work folder, keyed by their inputs, settings and code), then an ablation,
+From the fixture of generated Kubeflow queries (benchmarks/data), embed_score runs once per query selection and
+mine_negatives once per needed setting (both cached under the work folder, keyed by the rows they read, their
+settings and code: rows added to the fixture for one selection leave the others' results valid), then an ablation,
 each step a finetune + evaluate of the embedded all-MiniLM-L6-v2:
 
     base                      no finetuning
@@ -88,6 +89,14 @@ def select(frames: dict[str, Any], queries: str) -> dict[str, Any]:
             for split, frame in frames.items()}
 
 
+def rows_key(frames: dict[str, Any]) -> str:
+    """A short key of the rows' content, per split (column order and index do not matter)."""
+    import pandas as pd
+
+    return digest({split: hashlib.sha256(pd.util.hash_pandas_object(frame[sorted(frame.columns)], index=False)
+                                         .to_numpy().tobytes()).hexdigest() for split, frame in frames.items()})
+
+
 def has_more_queries(frames: dict[str, Any]) -> bool:
     """Whether the fixture's train split has rows beyond one question per chunk."""
     return len(select(frames, ALL)["train"]) > len(select(frames, ONE)["train"])
@@ -126,21 +135,25 @@ class Bench:
         self.seconds: dict[str, float] = {}
         self.labels: dict[str, str] = {}
 
-    def scored(self) -> Path:
-        """embed_score over every row of the fixture, once."""
-        key = digest("embed", self.fixture_key, stages.source_hash("embed"), stages.EMBEDDING_MODEL)
+    def scored(self, queries: str) -> Path:
+        """embed_score over a query selection of the fixture, once for its rows."""
+        selected = select(self.frames, queries)
+        key = digest("embed", rows_key(selected), stages.source_hash("embed"), stages.EMBEDDING_MODEL)
 
         def build(out: Path) -> None:
             with tempfile.TemporaryDirectory(prefix="quality-input-") as folder:
-                stages.embed(stages.write_dataset(self.frames, Path(folder)), out)
+                stages.embed(stages.write_dataset(selected, Path(folder)), out)
 
         folder = cached_folder(self.work_dir / f"scored-{key}", build)
-        self.seconds["embed_score"] = read_json(folder / DONE)["seconds"]
+        # A fixture with one question per chunk has the same rows under both selections: one folder, one entry.
+        if folder.name not in self.labels:
+            self.labels[folder.name] = label = f"embed_score ({queries})"
+            self.seconds[label] = read_json(folder / DONE)["seconds"]
         return folder
 
     def mined(self, queries: str, roundtrip: bool) -> Path:
         """mine_negatives (default settings; round-trip filter on or off) over a query selection, once."""
-        scored = self.scored()
+        scored = self.scored(queries)
         selected = select(stages.read_dataset(scored), queries)
         rows = {split: list(zip(frame["chunk_id"], frame[QUERY_STYLE], frame[QUERY_VARIANT].astype(int)))
                 for split, frame in selected.items()}

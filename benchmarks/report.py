@@ -159,7 +159,9 @@ CONFIG_NOTES = {
 REGENERATE = """\
 .venv/bin/python -m benchmarks.quality generate .cache/quality/generated/test --split test
 .venv/bin/python -m benchmarks.quality generate .cache/quality/generated/train --split train
-.venv/bin/python -m benchmarks.quality make-fixture .cache/quality/generated/test .cache/quality/generated/train
+.venv/bin/python -m benchmarks.quality generate .cache/quality/generated/train3 --split train --queries-per-chunk 3
+.venv/bin/python -m benchmarks.quality make-fixture .cache/quality/generated/test .cache/quality/generated/train3 \\
+    .cache/quality/generated/train
 make quality"""
 
 
@@ -260,8 +262,10 @@ default settings (both splits):
 
 `{fixture['path']}` (sha256 `{fixture['sha256_16']}…`): the rows generate_queries wrote for the Kubeflow corpus in
 `../shared/data/kubeflow-docs` with the embedded LLM and the local settings; provenance, counts and the corpus's
-CC BY 4.0 attribution are in `benchmarks/data/README.md`. Generating takes hours on two cores (the LLM cache makes
-a second run fast); the benchmark itself re-runs only embed_score, mine_negatives, finetune and evaluate:
+CC BY 4.0 attribution are in `benchmarks/data/README.md`, with the commit whose generation code wrote it.
+Generating takes hours on two cores (the LLM cache makes a second run fast; the third command's question rows come
+from the cache of the second, and make-fixture takes a row from the last folder that has it, so the question rows
+are the second command's); the benchmark itself re-runs only embed_score, mine_negatives, finetune and evaluate:
 
 ```
 {REGENERATE}

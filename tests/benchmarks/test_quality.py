@@ -183,3 +183,17 @@ def test_figures_count_echoes_and_loops_among_kept_rows():
     figures = generation_figures(frame)
     assert figures["kept"] == 3 and figures["counts"]["echoes"] == 1 and figures["counts"]["loops"] == 1
     assert figures["shares"]["roundtrip_top"] == 0.75 and figures["shares"]["positive_beats_negative_valid"] == 0.75
+
+
+def test_rows_added_for_other_styles_leave_the_one_question_selection_keyed_as_before(tiny_fixture, tmp_path):
+    # The stage caches are keyed by the rows a selection reads: adding keyword and statement rows to the fixture
+    # must not recompute the one-question configurations (hours on two cores), and changing a row must.
+    full = fixture_module.read_fixture(tiny_fixture / "fixture.parquet")
+    questions_only = {split: frame[frame["query_style"] == "question"] for split, frame in full.items()}
+    one = quality.rows_key(quality.select(full, quality.ONE))
+    assert one == quality.rows_key(quality.select(questions_only, quality.ONE))
+    assert one == quality.rows_key(quality.select(questions_only, quality.ALL))
+    assert one != quality.rows_key(quality.select(full, quality.ALL))
+    changed = {split: frame.copy() for split, frame in questions_only.items()}
+    changed["train"].iloc[0, changed["train"].columns.get_loc("positive")] = "How do I change one query?"
+    assert one != quality.rows_key(quality.select(changed, quality.ONE))
