@@ -38,6 +38,12 @@ def banned_words(prompt: str) -> list[str]:
     return [word for word in example_words() if word[:_STEM] not in stems]
 
 
+def bias_rule() -> dict[str, object]:
+    """What decides a prompt's bias besides the prompt itself, for the row cache key: a changed word list or
+    strength makes new entries."""
+    return {"bias": EXAMPLE_WORD_BIAS, "words": example_words(), "stem": _STEM}
+
+
 class ExampleWordBias:
     """`logit_bias` for a prompt: every single-token spelling of each banned word (word, Word, WORD, with and
     without a leading space) gets EXAMPLE_WORD_BIAS. `tokenize` is llama.cpp's (bytes -> token ids)."""

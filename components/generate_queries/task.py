@@ -44,7 +44,7 @@ from components.generate_queries.status import (
     record_pair,
     record_review_flag,
 )
-from components.generate_queries.steering import EXAMPLE_WORD_BIAS, ExampleWordBias
+from components.generate_queries.steering import ExampleWordBias, bias_rule
 from components.generate_queries.validation import parse_generation, restates_instructions, validate_pair
 from components.progress import ProgressReporter
 from components.tracebacks import plain_tracebacks
@@ -154,7 +154,7 @@ class QueryTripletTask(GenerateSentencePair):
         """
         generation = self._generation_kwargs(style)
         if self._word_bias is not None:  # the per-prompt bias follows from the messages; its rule is in the key
-            generation = {**generation, "example_word_bias": EXAMPLE_WORD_BIAS}
+            generation = {**generation, "example_word_bias": bias_rule()}
         if variant >= len(styles()[style]["examples"]):
             generation = {**generation, "query_variant": variant}
         return row_cache_key(identity or self._identity, messages, generation)
