@@ -11,6 +11,7 @@ copy examples.
 """
 
 import re
+from functools import lru_cache
 from typing import Callable
 
 from components.generate_queries.prompts import example_replies
@@ -26,10 +27,12 @@ _QUERY_WORDS = frozenset(
 _STEM = 5
 
 
-def example_words() -> list[str]:
-    """The topic words of the worked examples' replies (3+ letters, lowercase): what a copied example is made of."""
-    return sorted({word.lower() for reply in example_replies() for word in re.findall(r"[A-Za-z]+", reply)
-                   if len(word) >= 3 and word.lower() not in _QUERY_WORDS})
+@lru_cache(maxsize=1)
+def example_words() -> tuple[str, ...]:
+    """The topic words of the worked examples' replies (3+ letters, lowercase): what a copied example is made of.
+    Computed once: every request's bias and cache key ask for it."""
+    return tuple(sorted({word.lower() for reply in example_replies() for word in re.findall(r"[A-Za-z]+", reply)
+                   if len(word) >= 3 and word.lower() not in _QUERY_WORDS}))
 
 
 def banned_words(prompt: str) -> list[str]:
