@@ -99,6 +99,12 @@ class RowCache:
                     problem)
         return CacheRead(None, "cache_corrupt")
 
+    def expire(self, key: str) -> None:
+        """Let the next write of `key` replace its entry: a pair today's validation refuses (its rules were tightened
+        since it was written), so the row is generated again."""
+        with self._lock:
+            self._damaged.add(key)
+
     def put(self, key: str, value: dict[str, Any]) -> str:
         """Store an entry unless a valid one is already there; return "" or the fault met ("cache_corrupt": a damaged
         object was found now and replaced; "cache_write_errors": the write failed)."""

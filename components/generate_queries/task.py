@@ -32,7 +32,7 @@ from components.generate_queries.llm import (
     llm_identity,
     response_format_for,
 )
-from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, build_messages, page_title, styles
+from components.generate_queries.prompts import STYLE_COLUMN, VARIANT_COLUMN, build_messages, styles
 from components.generate_queries.retries import describe_error, is_rate_limited, request_retrying
 from components.generate_queries.settings import GenerationSettings, GenerationTuning
 from components.generate_queries.status import (
@@ -45,7 +45,7 @@ from components.generate_queries.status import (
     record_review_flag,
 )
 from components.generate_queries.steering import ExampleWordBias, bias_rule
-from components.generate_queries.validation import parse_generation, restates_instructions, validate_pair
+from components.generate_queries.validation import parse_generation, restates_instructions, row_problem
 from components.progress import ProgressReporter
 from components.tracebacks import plain_tracebacks
 
@@ -203,8 +203,7 @@ class QueryTripletTask(GenerateSentencePair):
         """Record attempt `number` on the row and say what its reply is worth."""
         record_attempt(row, number, attempt)
         pair, reason = (None, attempt.error) if attempt.error else parse_generation(attempt.text)
-        reason = reason or validate_pair(pair, row[ANCHOR], style=_style(row),
-                                         page=page_title(row.get("url"), row.get("filename")))
+        reason = reason or row_problem(pair, row, _style(row))
         if reason:
             record_failure(row, reason)
             return Judgement(pair=None, final=False)
@@ -279,10 +278,12 @@ class QueryTripletTask(GenerateSentencePair):
             entries = list(pool.map(self._look_up, requests))
         pending = []
         for request, entry in zip(requests, entries):
-            if _is_pair(entry):
+            if _is_pair(entry) and row_problem(entry, request.row, _style(request.row)) is None:
                 record_pair(request.row, entry, "cached")
-            else:
-                pending.append(request)
+                continue
+            if _is_pair(entry):  # a pair the validation rules, tightened since, refuse: generated again, replaced
+                self._cache.expire(request.key)
+            pending.append(request)
         if self._progress is not None and len(pending) < len(requests):
             self._progress.advance(len(requests) - len(pending))
         return pending
@@ -384,16 +385,8 @@ class QueryTripletTask(GenerateSentencePair):
 def make_task(spec: LLMSpec, settings: GenerationSettings, tuning: Optional[GenerationTuning] = None,
               total_rows: int = 0, input_batch_size: int = 8, concurrency_stats_path: str = "") -> QueryTripletTask:
     """The task for a run (inside a distilabel Pipeline context)."""
-    return QueryTripletTask(
-        name="generate_sentence_pair",
-        triplet=True,
-        action="query",
-        context=settings.context,
-        llm=build_llm(spec, timeout=settings.llm_request_timeout, base_url=settings.llm_base_url),
-        input_batch_size=input_batch_size,
-        spec=spec,
-        settings=settings,
-        tuning=tuning or GenerationTuning(),
-        total_rows=total_rows,
-        concurrency_stats_path=concurrency_stats_path,
-    )
+    return QueryTripletTask(name="generate_sentence_pair", triplet=True, action="query", context=settings.context,
+                            llm=build_llm(spec, timeout=settings.llm_request_timeout, base_url=settings.llm_base_url),
+                            input_batch_size=input_batch_size, spec=spec, settings=settings,
+                            tuning=tuning or GenerationTuning(), total_rows=total_rows,
+                            concurrency_stats_path=concurrency_stats_path)

@@ -4,12 +4,13 @@ import json
 import re
 from typing import Any, Optional
 
-from components.common import NEGATIVE, POSITIVE
+from components.common import ANCHOR, NEGATIVE, POSITIVE
 from components.generate_queries.prompts import (
     MAX_QUERY_CHARS,
     MIN_QUERY_CHARS,
     example_replies,
     output_schema,
+    page_title,
     styles,
 )
 
@@ -33,6 +34,13 @@ MIN_DISTINCT_TRIGRAMS = 0.7
 # A reply sharing this much of its vocabulary with a worked example copied it.
 MAX_EXAMPLE_OVERLAP = 0.6
 _PLACEHOLDER = re.compile(r"<\s*(a|an|the)\s+(question|query|keyword|sentence)|\{\{|\}\}", re.IGNORECASE)
+
+# A keyword search that ends on one of these was cut off mid-phrase; one of 4+ words with one of the verbs after its
+# first word is a sentence, unless it starts like a question ("what is kubeflow pipelines" is a common search). The
+# embedded model wrote "jupyterlab-native is a new way to" as a search.
+_DANGLING_WORDS = frozenset("a an and as at by for from in into of on or than that the to with your".split())
+_SENTENCE_VERBS = frozenset("is are was were has have can will".split())
+_QUESTION_WORDS = frozenset("what how why when where which who".split())
 
 _SECTIONS = re.compile(r"##\s*Positive\s*:?\s*(.*?)\s*##\s*Negative\s*:?\s*(.*?)\s*$", re.DOTALL | re.IGNORECASE)
 _FENCED = re.compile(r"^```(?:json)?\s*|\s*```$")
@@ -101,11 +109,22 @@ def grounded(value: str, anchor: str, page: str = "") -> bool:
     return bool(content & set(_words(f"{anchor} {page}")))
 
 
+def sentence_fragment(value: str) -> bool:
+    """True when a keyword search is a cut-off phrase or a sentence rather than search terms."""
+    words = [word.strip("._/-") for word in value.lower().split()]
+    if not words:
+        return False
+    sentence = len(words) >= 4 and words[0] not in _QUESTION_WORDS and bool(_SENTENCE_VERBS & set(words[1:]))
+    return words[-1] in _DANGLING_WORDS or sentence
+
+
 def style_problem(value: str, style: str) -> Optional[str]:
-    """Why a query is not of its style (a question ends in '?', a keyword search has none), or None."""
+    """Why a query is not of its style (a question ends in '?', a keyword search has none and is no sentence), or
+    None."""
     pattern = styles()[style]["pattern"]
     if re.fullmatch(pattern, value.strip()):
-        return None
+        return "not a keywords query (a sentence or cut off)" if style == "keywords" and sentence_fragment(value) \
+            else None
     if style == "question" and value.strip().endswith("?"):
         return None  # a real question that starts differently ("In a pipeline, how ...?") is still a question
     return f"not a {style} query"
@@ -146,3 +165,8 @@ def _style_checks(pair: dict[str, Any], anchor: str, style: str, page: str) -> O
     if not grounded(pair[POSITIVE], anchor, page):
         return "positive shares no word with its chunk"
     return None
+
+
+def row_problem(pair: dict[str, Any], row: dict[str, Any], style: str) -> Optional[str]:
+    """validate_pair for a generate_queries row: its chunk, the query style and its page's title."""
+    return validate_pair(pair, row[ANCHOR], style=style, page=page_title(row.get("url"), row.get("filename")))

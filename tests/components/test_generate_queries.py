@@ -60,6 +60,20 @@ def test_validate_pair(pair, reason):
     assert validate_pair(pair, ANCHOR_TEXT) == reason
 
 
+@pytest.mark.parametrize("positive, reason", [
+    ("install kfp sdk python", None),
+    ("what is kfp python", None),  # a common web search: "is" right after the first word
+    ("install the sdk with pip for", "positive: not a keywords query (a sentence or cut off)"),
+    ("kfp sdk is a package that", "positive: not a keywords query (a sentence or cut off)"),
+    ("kfp sdk needs python 3.9", None),
+    ("metadata.labels is a new feature", "positive: not a keywords query (a sentence or cut off)"),
+])
+def test_a_keyword_search_that_is_cut_off_or_a_sentence_is_rejected(positive, reason):
+    # What the embedded model wrote as searches under a grammar that holds them to 2-6 words.
+    pair = {"positive": positive, "negative": "delete pipeline run"}
+    assert validate_pair(pair, ANCHOR_TEXT, style="keywords") == reason
+
+
 def test_restates_instructions_flags_echoes_not_questions():
     instructions = "The positive sentence has to be a query for the anchor sentence. " + DEFAULT_CONTEXT
     assert restates_instructions("The anchor is a chunk of technical documentation", ANCHOR_TEXT, instructions)

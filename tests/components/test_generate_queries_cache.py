@@ -175,9 +175,37 @@ def test_the_embedded_models_entries_from_before_content_hash_keys_are_still_ser
     new_key = task.cache_key(messages, row["query_style"], row["query_variant"])
     assert old_key != new_key
     cache = RowCache(settings.llm_cache_uri)
-    cache.put(old_key, ENTRY)  # as the previous version wrote it
-    assert task.cached_pair(messages, row["query_style"], row["query_variant"])["positive"] == ENTRY["positive"]
+    entry = {**ENTRY, "positive": "How do I contribute to the Kubeflow community?"}  # valid for this chunk
+    cache.put(old_key, entry)  # as the previous version wrote it
+    assert task.cached_pair(messages, row["query_style"], row["query_variant"])["positive"] == entry["positive"]
     assert cache.get(new_key) is None  # an estimate only looks
     [served] = next(task.process([row]))
-    assert served["generation_status"] == "cached" and served["positive"] == ENTRY["positive"]
-    assert cache.get(new_key) == ENTRY  # copied to the current key
+    assert served["generation_status"] == "cached" and served["positive"] == entry["positive"]
+    assert cache.get(new_key) == entry  # copied to the current key
+
+
+def test_a_cached_pair_that_validation_now_refuses_is_generated_again_and_replaced(tmp_path, chunks_6):  # noqa: F811
+    # Validation rules get tighter (a keyword search may no longer be cut off mid-phrase): entries written under the
+    # old rules must not keep bad rows in every later run.
+    import pandas as pd
+    from distilabel.pipeline import Pipeline
+
+    from components.generate_queries import GenerationSettings
+    from components.generate_queries.prompts import query_rows
+    from components.generate_queries.task import make_task
+
+    settings = build(GenerationSettings, {"llm_cache_uri": str(tmp_path / "cache")}, local=True)
+    with tempfile.TemporaryDirectory() as work_dir, Pipeline(name="stale", cache_dir=work_dir):
+        task = make_task(parse_llm_spec("local"), settings, input_batch_size=1)
+    task.load()
+    chunk = pd.read_parquet(chunks_6 / "train.parquet").to_dict("records")[0]
+    row = query_rows([chunk], ("keywords",), 1)[0]
+    key = task.cache_key(task.format_input(row), "keywords", 0)
+    stale = {**ENTRY, "positive": "install the pipeline sdk with", "negative": "delete a pipeline run"}
+    cache = RowCache(settings.llm_cache_uri)
+    cache.put(key, stale)
+    [served] = next(task.process([row]))
+    assert served["generation_status"] == "generated" and served["positive"] != stale["positive"]
+    assert cache.get(key)["positive"] == served["positive"]  # replaced, so the next run is served the new pair
+    [again] = next(task.process([row]))
+    assert again["generation_status"] == "cached" and again["positive"] == served["positive"]

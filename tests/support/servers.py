@@ -67,8 +67,9 @@ def good_reply(anchor: str, style: str = "question") -> dict:
     """A pair that passes validation in `style`: a query made of the anchor's words, and an unrelated one."""
     words = re.findall(r"[A-Za-z]{4,}", anchor)[:6] or ["this", "page"]
     tag = anchor_id(anchor)
-    if style == "keywords":
-        return {"positive": " ".join(words[:4]).lower(), "negative": f"sourdough rye bread {tag}"}
+    if style == "keywords":  # words of 6+ letters: a search that ends on "with" or holds "have" is refused
+        terms = (re.findall(r"[A-Za-z]{6,}", anchor) + words)[:4]
+        return {"positive": " ".join(terms).lower(), "negative": f"sourdough rye bread {tag}"}
     if style == "statement":
         return {"positive": f"I want to know about {' '.join(words)}.",
                 "negative": f"I need a sourdough bread recipe with rye flour {tag}."}
