@@ -18,7 +18,7 @@ from components.common import (
     training_rows,
     valid_pairs,
 )
-from components.generate_queries.validation import copies_example, loops
+from components.generate_queries.validation import copies_example, loops, sentence_fragment
 
 ROUNDTRIP_TOP = 10
 TARGETS = {"echoes": ("==", 0.0), "loops": ("==", 0.0), "real_queries": (">=", 0.80), "kept": (">=", 0.60)}
@@ -26,15 +26,16 @@ _SENTENCE_END = re.compile(r"[.!?](\s|$)")
 
 
 def real_query(text: str, style: str) -> bool:
-    """Whether a query is what its style asks for: a question ends in "?"; a keyword search has no "?" and 2-8
-    words; a statement is one sentence (no "?", no sentence end before its last character)."""
+    """Whether a query is what its style asks for: a question ends in "?"; a keyword search has no "?", 2-8
+    words and is neither cut off nor a sentence (validation.sentence_fragment); a statement is one sentence (no "?",
+    no sentence end before its last character)."""
     text = text.strip()
     if style == "question":
         return text.endswith("?")
     if "?" in text:
         return False
     if style == "keywords":
-        return 2 <= len(text.split()) <= 8
+        return 2 <= len(text.split()) <= 8 and not sentence_fragment(text)
     if style == "statement":
         return len(_SENTENCE_END.findall(text.rstrip(".!"))) == 0
     return False
@@ -62,9 +63,10 @@ def generation_figures(frame) -> dict[str, Any]:
                    "valid": share(len(valid), len(frame)), "roundtrip_top": share(int((ranks <= ROUNDTRIP_TOP).sum()),
                                                                                   len(ranks)),
                    "positive_beats_negative_valid": beats(valid), "positive_beats_negative_kept": beats(kept)},
-        "by_style": {str(style): {"kept": int(len(rows)),
-                                  "real": int(sum(real_query(text, style) for text in rows[POSITIVE]))}
-                     for style, rows in kept.groupby(QUERY_STYLE)},
+        "by_style": {str(style): {"rows": int(len(rows)), "kept": int((kept[QUERY_STYLE] == style).sum()),
+                                  "real": int(sum(real_query(text, style)
+                                                  for text in kept.loc[kept[QUERY_STYLE] == style, POSITIVE]))}
+                     for style, rows in frame.groupby(QUERY_STYLE)},
     }
 
 

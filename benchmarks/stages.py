@@ -21,6 +21,8 @@ STEP_SOURCES = {
     "embed": ("components/embed_score.py", "components/common.py"),
     "mine": ("components/mine_negatives.py", "components/common.py"),
     "train": ("components/finetune.py", "components/evaluate.py", "components/evaluate_stats.py"),
+    "generate": ("components/generate_queries/*.py", "components/generate_queries/templates/*",
+                 "components/load_docs/*.py", "components/common.py", "components/settings.py"),
 }
 
 
@@ -48,11 +50,14 @@ def local_train_settings() -> TrainSettings:
 
 
 def source_hash(step: str) -> str:
-    """A digest of the code a step runs (STEP_SOURCES), for cache keys."""
+    """A digest of the code a step runs (STEP_SOURCES: paths or glob patterns), for cache keys."""
     digest = hashlib.sha256()
     for name in STEP_SOURCES[step]:
-        path = PROJECT_ROOT / name
-        digest.update(path.read_bytes() if path.exists() else name.encode())
+        paths = sorted(path for path in PROJECT_ROOT.glob(name) if path.is_file())
+        if not paths:
+            digest.update(name.encode())
+        for path in paths:
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

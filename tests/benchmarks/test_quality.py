@@ -74,15 +74,22 @@ def tiny_fixture(tmp_path_factory, kubeflow_docs):
     return root
 
 
+GENERATION_CHUNKS = 2
+
+
 @pytest.fixture(scope="module")
-def benchmark(tiny_fixture):
-    """The whole benchmark, one optimizer step per configuration, written to a temporary docs file."""
+def benchmark(tiny_fixture, kubeflow_docs):
+    """The whole benchmark, one optimizer step per configuration, written to a temporary docs file; the current
+    code's generation (the real embedded LLM) on the first two test chunks of the corpus."""
     real_docs = quality.OUTPUT.read_bytes() if quality.OUTPUT.exists() else None
     # No warmup: a single step with warmup would train at learning rate 0.
     settings = stages.TrainSettings(epochs=0.01, batch_size=8, learning_rate=2e-5, warmup_ratio=0.0, seed=1,
                                     mini_batch_size=8)
     output = tiny_fixture / "docs" / "quality.md"
-    results = quality.run(tiny_fixture / "fixture.parquet", tiny_fixture / "work", output, settings)
+    generation = quality.GenerationCheck(source=str(kubeflow_docs), limit=GENERATION_CHUNKS,
+                                         llm_cache=str(tiny_fixture / "llm-cache"))
+    results = quality.run(tiny_fixture / "fixture.parquet", tiny_fixture / "work", output, settings,
+                          generation=generation)
     assert (quality.OUTPUT.read_bytes() if quality.OUTPUT.exists() else None) == real_docs
     return results, output.read_text()
 
@@ -114,7 +121,8 @@ def test_every_configuration_is_in_the_table_on_the_same_queries(benchmark):
 def test_the_report_has_its_sections(benchmark):
     results, text = benchmark
     for section in ("## Result", "## What is compared", "## Settings", "## Machine and versions",
-                    "## Generation figures", "## What the rows look like", "## The fixture and how to regenerate it"):
+                    "## Generation figures", "### The current code", "### The fixture", "## What the rows look like",
+                    "## The fixture and how to regenerate it"):
         assert section in text
     assert f"the same {results['evaluation']['queries']} queries" in text
     assert "sentence-transformers" in text and "make-fixture" in text
@@ -122,6 +130,32 @@ def test_the_report_has_its_sections(benchmark):
     figures = results["figures"]
     assert figures["rows"] == 3 * (TRAIN_CHUNKS + TEST_CHUNKS) and figures["valid"] == figures["rows"] - 2
     assert figures["counts"]["echoes"] == 0 and figures["counts"]["loops"] == 0
+    questions = figures["by_style"]["question"]
+    assert questions["rows"] == TRAIN_CHUNKS + TEST_CHUNKS and questions["real"] == questions["kept"] > 0
+
+
+def test_the_current_code_generates_every_style_for_the_test_chunks_and_is_reported(benchmark, tiny_fixture):
+    results, text = benchmark
+    check = results["generation_check"]
+    figures = check["figures"]
+    # One row per style for each chunk, all of the test split, from the embedded model.
+    assert check["chunks"] == GENERATION_CHUNKS and figures["rows"] == 3 * GENERATION_CHUNKS
+    assert {style: values["rows"] for style, values in figures["by_style"].items()} == {
+        "question": GENERATION_CHUNKS, "keywords": GENERATION_CHUNKS, "statement": GENERATION_CHUNKS}
+    assert check["models"] and all("SmolLM2" in name for name in check["models"])
+    assert {row["split"] for row in check["samples"]} <= {"test"} and len(check["samples"]) == figures["kept"]
+    assert "rows per chunk" in text and f"the {GENERATION_CHUNKS} chunks of the corpus's test split" in text
+    # Cached: the finished folder is reused, not generated again.
+    folders = list((tiny_fixture / "work").glob("generation-*"))
+    assert len(folders) == 1 and (folders[0] / quality.DONE).exists()
+
+
+def test_every_step_source_pattern_matches_code():
+    """A renamed module would otherwise drop out of its step's cache key silently."""
+    for step, patterns in stages.STEP_SOURCES.items():
+        for pattern in patterns:
+            assert list(stages.PROJECT_ROOT.glob(pattern)), (step, pattern)
+    assert stages.source_hash("generate") != stages.source_hash("embed")
 
 
 def test_make_fixture_keeps_the_needed_columns_sorted_and_counts_them(tiny_fixture):
@@ -162,6 +196,8 @@ def test_a_chunk_in_both_splits_is_refused(tmp_path, tiny_fixture):
     ("kubeflow pipelines install", "keywords", True),
     ("kubeflow", "keywords", False),
     ("install kubeflow pipelines?", "keywords", False),
+    ("how to apply the list of", "keywords", False),  # cut off
+    ("jupyterlab-native is a new way", "keywords", False),  # a sentence
     ("I want to install Kubeflow Pipelines on my cluster.", "statement", True),
     ("I want to install Kubeflow. It fails.", "statement", False),
 ])
