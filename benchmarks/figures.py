@@ -18,9 +18,11 @@ from components.common import (
     training_rows,
     valid_pairs,
 )
-from components.generate_queries.validation import copies_example, loops, sentence_fragment
+from components.generate_queries.prompts import styles
+from components.generate_queries.validation import copies_example, cut_off, loops, sentence_fragment
 
 ROUNDTRIP_TOP = 10
+STYLES = tuple(styles())
 TARGETS = {"echoes": ("==", 0.0), "loops": ("==", 0.0), "real_queries": (">=", 0.80), "kept": (">=", 0.60)}
 _SENTENCE_END = re.compile(r"[.!?](\s|$)")
 
@@ -28,8 +30,11 @@ _SENTENCE_END = re.compile(r"[.!?](\s|$)")
 def real_query(text: str, style: str) -> bool:
     """Whether a query is what its style asks for: a question ends in "?"; a keyword search has no "?", 2-8
     words and is neither cut off nor a sentence (validation.sentence_fragment); a statement is one sentence (no "?",
-    no sentence end before its last character)."""
+    no sentence end before its last character); and none fills its pattern's length limit (validation.cut_off:
+    the grammar ended it mid-phrase)."""
     text = text.strip()
+    if style in STYLES and cut_off(text, style):
+        return False
     if style == "question":
         return text.endswith("?")
     if "?" in text:

@@ -14,7 +14,7 @@ FIGURE_LABELS = {
     "echoes": "kept rows that echo a worked example of the prompt (validation.copies_example)",
     "loops": "kept rows that loop (validation.loops)",
     "real_queries": "kept rows that are real queries of their style (question ends in \"?\"; keywords: no \"?\", "
-                    "2-8 words, not cut off or a sentence; statement: one sentence)",
+                    "2-8 words, not cut off or a sentence; statement: one sentence; none at the length limit)",
     "kept": "generated rows kept by every filter (kept / rows)",
     "roundtrip_top": "valid rows whose own chunk is in the top 10 for their query (base model)",
     "positive_beats_negative_valid": "valid rows: chunk closer to the positive than to the LLM negative",

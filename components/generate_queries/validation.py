@@ -2,6 +2,7 @@
 
 import json
 import re
+from functools import lru_cache
 from typing import Any, Optional
 
 from components.common import ANCHOR, NEGATIVE, POSITIVE
@@ -41,6 +42,12 @@ _PLACEHOLDER = re.compile(r"<\s*(a|an|the)\s+(question|query|keyword|sentence)|\
 _DANGLING_WORDS = frozenset("a an and as at by for from in into of on or than that the to with your".split())
 _SENTENCE_VERBS = frozenset("is are was were has have can will".split())
 _QUESTION_WORDS = frozenset("what how why when where which who".split())
+
+# A pattern's bounded repeat this long limits characters, not words: a query that fills it was cut off there by the
+# grammar (measured on the Kubeflow test split: 37 of 95 kept statements and 10 of 97 questions ended mid-phrase at
+# 110, "... the [link](https://forms.gle/...) in.").
+MIN_CHARACTER_RUN = 50
+_BOUNDED_REPEAT = re.compile(r"\{(\d+),(\d+)\}")
 
 _SECTIONS = re.compile(r"##\s*Positive\s*:?\s*(.*?)\s*##\s*Negative\s*:?\s*(.*?)\s*$", re.DOTALL | re.IGNORECASE)
 _FENCED = re.compile(r"^```(?:json)?\s*|\s*```$")
@@ -118,11 +125,32 @@ def sentence_fragment(value: str) -> bool:
     return words[-1] in _DANGLING_WORDS or sentence
 
 
+@lru_cache(maxsize=None)
+def _one_shorter(pattern: str) -> Optional[str]:
+    """`pattern` with its longest character run (a bounded repeat of MIN_CHARACTER_RUN or more) one shorter; None
+    when it has none."""
+    runs = [match for match in _BOUNDED_REPEAT.finditer(pattern) if int(match[2]) >= MIN_CHARACTER_RUN]
+    if not runs:
+        return None
+    run = max(runs, key=lambda match: int(match[2]))
+    return f"{pattern[:run.start()]}{{{run[1]},{int(run[2]) - 1}}}{pattern[run.end():]}"
+
+
+def cut_off(value: str, style: str) -> bool:
+    """True when a query of the style's pattern fills its character run to the bound: the grammar ended it there."""
+    pattern = styles()[style]["pattern"]
+    shorter = _one_shorter(pattern)
+    text = value.strip()
+    return shorter is not None and bool(re.fullmatch(pattern, text)) and not re.fullmatch(shorter, text)
+
+
 def style_problem(value: str, style: str) -> Optional[str]:
-    """Why a query is not of its style (a question ends in '?', a keyword search has none and is no sentence), or
-    None."""
+    """Why a query is not of its style (a question ends in '?', a keyword search has none and is no sentence; none
+    is cut off at the pattern's length limit), or None."""
     pattern = styles()[style]["pattern"]
     if re.fullmatch(pattern, value.strip()):
+        if cut_off(value, style):
+            return f"not a {style} query (cut off at the length limit)"
         return "not a keywords query (a sentence or cut off)" if style == "keywords" and sentence_fragment(value) \
             else None
     if style == "question" and value.strip().endswith("?"):

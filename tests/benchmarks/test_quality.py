@@ -200,6 +200,8 @@ def test_a_chunk_in_both_splits_is_refused(tmp_path, tiny_fixture):
     ("jupyterlab-native is a new way", "keywords", False),  # a sentence
     ("I want to install Kubeflow Pipelines on my cluster.", "statement", True),
     ("I want to install Kubeflow. It fails.", "statement", False),
+    ("I want " + "x" * 105 + ".", "statement", False),  # 110 characters after "I ": cut off by the grammar
+    ("I want " + "x" * 104 + ".", "statement", True),
 ])
 def test_real_query_by_style(text, style, real):
     assert real_query(text, style) is real

@@ -74,6 +74,21 @@ def test_a_keyword_search_that_is_cut_off_or_a_sentence_is_rejected(positive, re
     assert validate_pair(pair, ANCHOR_TEXT, style="keywords") == reason
 
 
+def test_a_query_that_fills_its_patterns_length_limit_was_cut_off_and_is_rejected():
+    # The grammar ends a query when its character run reaches the pattern's bound (110): the embedded model's long
+    # statements stopped mid-phrase there ("... at the upcoming [link](https://forms.gle/...) in.").
+    run = ("do I install the kfp sdk with pip on a cluster whose notebook image ships an old python while the docs "
+           "ask for version nine or later")  # 132 characters, no repeats, no periods
+    full_question, short_question = f"How {run[:110]}?", f"How {run[:109]}?"
+    full_statement, short_statement = f"I {run[:110]}.", f"I {run[:109]}."
+    negative = {"question": "How do I delete a run?", "statement": "I need to delete a run."}
+    for style, full, short in (("question", full_question, short_question),
+                               ("statement", full_statement, short_statement)):
+        assert validate_pair({"positive": short, "negative": negative[style]}, ANCHOR_TEXT, style=style) is None
+        reason = validate_pair({"positive": full, "negative": negative[style]}, ANCHOR_TEXT, style=style)
+        assert reason == f"positive: not a {style} query (cut off at the length limit)"
+
+
 def test_restates_instructions_flags_echoes_not_questions():
     instructions = "The positive sentence has to be a query for the anchor sentence. " + DEFAULT_CONTEXT
     assert restates_instructions("The anchor is a chunk of technical documentation", ANCHOR_TEXT, instructions)
