@@ -146,7 +146,9 @@ def test_embedded_llm_generates_every_row_and_a_second_run_is_served_from_cache(
     assert ok["positive"].str.len().gt(0).all() and ok["negative"].str.len().gt(0).all()
 
     second = generate_queries(loaded_chunks, tmp_path / "second", settings)
-    assert second["llm_requests"] == 0 and second["cached"] == first["generated"]
+    # Every generated row is served from the cache; only a row that failed (failures are not cached) is tried again.
+    assert second["cached"] == first["generated"]
+    assert second["llm_requests"] <= GenerationTuning().max_attempts * first["failed"]
     again = pd.read_parquet(tmp_path / "second" / "train.parquet")
     generated = train["generation_status"] == "generated"
     assert list(again["positive"][generated]) == list(train["positive"][generated])
