@@ -68,11 +68,15 @@ def generation_figures(frame) -> dict[str, Any]:
                    "valid": share(len(valid), len(frame)), "roundtrip_top": share(int((ranks <= ROUNDTRIP_TOP).sum()),
                                                                                   len(ranks)),
                    "positive_beats_negative_valid": beats(valid), "positive_beats_negative_kept": beats(kept)},
-        "by_style": {str(style): {"rows": int(len(rows)), "kept": int((kept[QUERY_STYLE] == style).sum()),
-                                  "real": int(sum(real_query(text, style)
-                                                  for text in kept.loc[kept[QUERY_STYLE] == style, POSITIVE]))}
+        "by_style": {str(style): style_counts(rows, kept[kept[QUERY_STYLE] == style], style)
                      for style, rows in frame.groupby(QUERY_STYLE)},
     }
+
+
+def style_counts(rows, kept, style: str) -> dict[str, int]:
+    """One style's generated rows, kept rows and kept rows that are real queries of the style."""
+    return {"rows": int(len(rows)), "kept": int(len(kept)),
+            "real": int(sum(real_query(text, style) for text in kept[POSITIVE]))}
 
 
 def beats(rows) -> float | None:
